@@ -1,0 +1,344 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+func init() {
+	register(command{name: "submit", summary: "submit a workflow to a running server (--wait follows it)", run: cmdSubmit})
+}
+
+// stringList is a repeatable flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+var _ flag.Value = (*stringList)(nil)
+
+type submitOptions struct {
+	server, key, frontend, user, workflow, metadata, idempotencyKey string
+	priority                                                        int
+	images                                                          stringList
+	wait                                                            bool
+	timeout                                                         time.Duration
+}
+
+func cmdSubmit(ctx context.Context, e *env, args []string) error {
+	var o submitOptions
+	fs := newFlagSet(e, "submit", "--frontend F --workflow FILE [--user U] [--image FILE]... [--wait]")
+	fs.StringVar(&o.server, "server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
+	fs.StringVar(&o.key, "key", "", "API key (default: env COMFYFARM_API_KEY, then COMFYFARM_ADMIN_KEY)")
+	fs.StringVar(&o.frontend, "frontend", "", "frontend to submit for (required with the admin key)")
+	fs.StringVar(&o.user, "user", "cli", "the frontend's user id")
+	fs.StringVar(&o.workflow, "workflow", "", "API-format workflow JSON file (\"-\": stdin)")
+	fs.StringVar(&o.metadata, "metadata", "", "metadata JSON object kept with the job and its photos")
+	fs.StringVar(&o.idempotencyKey, "idempotency-key", "", "Idempotency-Key: resubmitting with the same key returns the same job")
+	fs.IntVar(&o.priority, "priority", 0, "priority, -100..100 (higher runs sooner)")
+	fs.Var(&o.images, "image", "input image to upload (repeatable); a LoadImage input names it by its file name")
+	fs.BoolVar(&o.wait, "wait", false, "follow the job's progress and print its output URLs")
+	fs.DurationVar(&o.timeout, "timeout", 0, "give up waiting after this long (0: no limit)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if o.workflow == "" {
+		fmt.Fprintln(e.stderr, "submit: --workflow is required")
+		fs.Usage()
+		return errUsage
+	}
+	if o.key == "" {
+		o.key = e.getenv("COMFYFARM_API_KEY")
+	}
+	if o.key == "" {
+		o.key = e.getenv("COMFYFARM_ADMIN_KEY")
+	}
+	if o.key == "" {
+		return errors.New("no API key: pass --key or set COMFYFARM_API_KEY")
+	}
+	c, err := newAPIClient(o.server, o.key)
+	if err != nil {
+		return err
+	}
+	graph, err := readWorkflow(o.workflow)
+	if err != nil {
+		return err
+	}
+	if o.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, o.timeout)
+		defer cancel()
+	}
+	sub, err := submitJob(ctx, c, o, graph)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "job %s %s (position %d)\n", sub.ID, sub.State, sub.Position)
+	if !o.wait {
+		return nil
+	}
+	job, err := followJob(ctx, c, sub.EventsURL, e.stderr)
+	if err != nil {
+		return err
+	}
+	switch job.State {
+	case schema.JobSucceeded:
+		for _, out := range job.Outputs {
+			fmt.Fprintln(e.stdout, out.URL)
+		}
+		return nil
+	case schema.JobFailed:
+		if job.Error != nil {
+			return fmt.Errorf("job %s failed: %s", job.ID, job.Error.Error())
+		}
+		return fmt.Errorf("job %s failed", job.ID)
+	default:
+		return fmt.Errorf("job %s %s", job.ID, job.State)
+	}
+}
+
+// readWorkflow reads an API-format graph; a {"prompt": {...}} wrapper (the
+// body ComfyUI's /prompt takes) is unwrapped.
+func readWorkflow(path string) (json.RawMessage, error) {
+	var data []byte
+	var err error
+	if path == "-" {
+		data, err = io.ReadAll(io.LimitReader(os.Stdin, 32<<20))
+	} else {
+		data, err = os.ReadFile(path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("workflow: %w", err)
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(data, &obj); err != nil {
+		return nil, fmt.Errorf("workflow %s: not a JSON object: %w", path, err)
+	}
+	if p, ok := obj["prompt"]; ok && len(obj) <= 3 && bytes.HasPrefix(bytes.TrimSpace(p), []byte("{")) {
+		return p, nil
+	}
+	return data, nil
+}
+
+type submitAnswer struct {
+	ID        string          `json:"id"`
+	State     schema.JobState `json:"state"`
+	Position  int             `json:"position"`
+	EventsURL string          `json:"events_url"`
+}
+
+func submitJob(ctx context.Context, c *apiClient, o submitOptions, graph json.RawMessage) (*submitAnswer, error) {
+	var metadata json.RawMessage
+	if o.metadata != "" {
+		metadata = json.RawMessage(o.metadata)
+		if !json.Valid(metadata) {
+			return nil, errors.New("--metadata is not valid JSON")
+		}
+	}
+	var body bytes.Buffer
+	contentType := "application/json"
+	if len(o.images) == 0 {
+		if err := json.NewEncoder(&body).Encode(map[string]any{
+			"frontend": o.frontend, "user_id": o.user, "workflow": graph, "priority": o.priority, "metadata": metadata,
+		}); err != nil {
+			return nil, err
+		}
+	} else {
+		w := multipart.NewWriter(&body)
+		fields := map[string]string{"user_id": o.user, "workflow": string(graph), "priority": fmt.Sprint(o.priority)}
+		if o.frontend != "" {
+			fields["frontend"] = o.frontend
+		}
+		if metadata != nil {
+			fields["metadata"] = string(metadata)
+		}
+		for k, v := range fields {
+			if err := w.WriteField(k, v); err != nil {
+				return nil, err
+			}
+		}
+		for _, path := range o.images {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("image: %w", err)
+			}
+			fw, err := w.CreateFormFile("images", filepath.Base(path))
+			if err != nil {
+				return nil, err
+			}
+			if _, err := fw.Write(data); err != nil {
+				return nil, err
+			}
+		}
+		if err := w.Close(); err != nil {
+			return nil, err
+		}
+		contentType = w.FormDataContentType()
+	}
+	path := "/api/v1/jobs"
+	if o.frontend != "" && len(o.images) == 0 {
+		path += "?frontend=" + o.frontend
+	}
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	req, err := c.request(rctx, "POST", path, &body, contentType)
+	if err != nil {
+		return nil, err
+	}
+	if o.idempotencyKey != "" {
+		req.Header.Set("Idempotency-Key", o.idempotencyKey)
+	}
+	var sub submitAnswer
+	if err := c.do(rctx, req, &sub); err != nil {
+		return nil, err
+	}
+	return &sub, nil
+}
+
+// followJob follows a job's SSE stream until its terminal event, drawing a
+// progress bar on w, and returns the final job. A dropped stream is resumed
+// with Last-Event-ID.
+func followJob(ctx context.Context, c *apiClient, eventsURL string, w io.Writer) (*schema.Job, error) {
+	bar := progressbar.NewOptions(100,
+		progressbar.OptionSetWriter(w),
+		progressbar.OptionSetDescription("queued"),
+		progressbar.OptionSetWidth(30),
+		progressbar.OptionShowDescriptionAtLineEnd(),
+		progressbar.OptionSetPredictTime(false),
+		progressbar.OptionThrottle(100*time.Millisecond),
+	)
+	defer fmt.Fprintln(w)
+	var (
+		job     schema.Job
+		lastSeq string
+		retries int
+	)
+	for {
+		final, seq, err := streamOnce(ctx, c, eventsURL, lastSeq, bar, &job)
+		if seq != "" {
+			lastSeq, retries = seq, 0
+		}
+		if final {
+			_ = bar.Finish()
+			return &job, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		var ae *apiError
+		if errors.As(err, &ae) {
+			return nil, err // the server refused: retrying will not help
+		}
+		retries++
+		if retries > 5 {
+			return nil, fmt.Errorf("event stream: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Duration(retries) * time.Second):
+		}
+	}
+}
+
+// streamOnce reads one connection of the event stream. final reports a
+// terminal event; seq is the last seq seen.
+func streamOnce(ctx context.Context, c *apiClient, eventsURL, lastSeq string, bar *progressbar.ProgressBar, job *schema.Job) (final bool, seq string, err error) {
+	req, err := c.request(ctx, "GET", eventsURL, nil, "")
+	if err != nil {
+		return false, "", err
+	}
+	if strings.Contains(eventsURL, "token=") {
+		req.Header.Del("Authorization") // the job-scoped token is enough
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	if lastSeq != "" {
+		req.Header.Set("Last-Event-ID", lastSeq)
+	}
+	res, err := c.http.Do(req)
+	if err != nil {
+		return false, "", err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return false, "", readAPIError(res)
+	}
+	r := newSSEReader(res.Body)
+	for {
+		msg, err := r.Next()
+		if err != nil {
+			return false, seq, err
+		}
+		var ev schema.Event
+		if err := json.Unmarshal([]byte(msg.Data), &ev); err != nil {
+			return false, seq, fmt.Errorf("event %q: %w", msg.Data, err)
+		}
+		if msg.ID != "" {
+			seq = msg.ID
+		}
+		applyEvent(job, ev, bar)
+		if ev.Type.Terminal() {
+			return true, seq, nil
+		}
+	}
+}
+
+// applyEvent folds one event into the job and the bar.
+func applyEvent(job *schema.Job, ev schema.Event, bar *progressbar.ProgressBar) {
+	switch ev.Type {
+	case schema.EventSnapshot:
+		if ev.Job != nil {
+			*job = *ev.Job
+		}
+	case schema.EventQueued:
+		job.State = schema.JobQueued
+		if ev.Position != nil {
+			bar.Describe(fmt.Sprintf("queued, %d ahead", *ev.Position))
+			return
+		}
+	case schema.EventDispatched:
+		job.State, job.Node = schema.JobDispatched, ev.Node
+	case schema.EventRunning:
+		job.State = schema.JobRunning
+	case schema.EventProgress:
+		if ev.Percent != nil {
+			_ = bar.Set(int(*ev.Percent))
+		}
+		bar.Describe(fmt.Sprintf("running node %s", ev.NodeID))
+		return
+	case schema.EventStoring:
+		job.State = schema.JobStoring
+	case schema.EventSucceeded:
+		job.State, job.Outputs = schema.JobSucceeded, ev.Outputs
+		_ = bar.Set(100)
+	case schema.EventFailed:
+		job.State, job.Error = schema.JobFailed, ev.Error
+	case schema.EventCancelled:
+		job.State = schema.JobCancelled
+	default:
+		return
+	}
+	if job.ID == "" {
+		job.ID = ev.JobID
+	}
+	desc := string(job.State)
+	if job.Node != "" && !job.State.Terminal() {
+		desc += " on " + job.Node
+	}
+	bar.Describe(desc)
+}

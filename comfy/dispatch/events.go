@@ -1,0 +1,303 @@
+package dispatch
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"slices"
+
+	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// handle turns one event of the node's stream into job state. It runs on the
+// stream's goroutine: anything slow (history, storage) goes elsewhere.
+func (r *runner) handle(ev comfy.Event) {
+	ctx := r.farm.ctx
+	switch e := ev.(type) {
+	case *comfy.Connected:
+		if e.Reconnect {
+			// Whatever happened while we were away is recovered from the
+			// node's queue and history, never assumed.
+			r.farm.wg.Add(1)
+			go func() {
+				defer r.farm.wg.Done()
+				r.reconcile(ctx, true)
+			}()
+		}
+		return
+	case *comfy.Disconnected, *comfy.Status, *comfy.FeatureFlags, *comfy.Text, *comfy.Unknown, *comfy.UnknownBinary, *comfy.Malformed, *comfy.ProgressState, *comfy.ExecutionCached:
+		return
+	}
+
+	a := r.lookup(ev)
+	if a == nil {
+		return
+	}
+	now := r.farm.cfg.NowFunc()
+	r.mu.Lock()
+	a.lastSign = now
+	zombie := a.zombie
+	r.mu.Unlock()
+
+	switch e := ev.(type) {
+	case *comfy.ExecutionStart:
+		r.setCurrent(a)
+		if !zombie {
+			r.farm.markRunning(ctx, r, a)
+		}
+	case *comfy.Executing:
+		if e.Done {
+			r.finished(a)
+			return
+		}
+		r.setCurrent(a)
+		if !zombie {
+			r.farm.markRunning(ctx, r, a) // legacy servers may skip execution_start
+		}
+	case *comfy.Progress:
+		if zombie {
+			return
+		}
+		node := e.Node
+		p := schema.NewProgress(node, e.Value, e.Max)
+		r.mu.Lock()
+		if node == "" && a.progress != nil {
+			p.NodeID = a.progress.NodeID
+		}
+		a.progress = &p
+		r.mu.Unlock()
+		r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventProgress, NodeID: p.NodeID, Value: &p.Value, Max: &p.Max, Percent: &p.Percent})
+	case *comfy.Executed:
+		if !zombie {
+			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventExecuted, NodeID: e.Node})
+		}
+	case *comfy.Preview:
+		if !zombie && len(e.Image) > 0 && len(e.Image) <= 2<<20 {
+			nodeID := ""
+			if e.Meta != nil {
+				nodeID = e.Meta.NodeID
+			}
+			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventPreview, NodeID: nodeID, Format: e.ContentType, Image: base64.StdEncoding.EncodeToString(e.Image)})
+		}
+	case *comfy.ExecutionSuccess:
+		r.finished(a)
+	case *comfy.ExecutionError:
+		if e.Blocked() {
+			return // an output was blocked; the run goes on
+		}
+		r.clearCurrent(a)
+		if zombie {
+			r.forget(a.ref())
+			return
+		}
+		r.farm.finishFailed(ctx, r, a.ref(), &schema.JobError{
+			Code: schema.CodeExecutionError, Message: e.ExceptionMessage, NodeID: e.NodeID, NodeType: e.NodeType,
+			Details: map[string]any{"exception_type": e.ExceptionType, "traceback": e.Traceback},
+		})
+	case *comfy.ExecutionInterrupted:
+		r.clearCurrent(a)
+		if zombie {
+			r.forget(a.ref())
+			return
+		}
+		// Someone else interrupted the node: the work is not done, run it again.
+		r.farm.requeue(ctx, r, a.ref(), "interrupted on the node")
+	}
+}
+
+// lookup finds the job an event belongs to. Events without a prompt id
+// (2023-era progress, the executing frame after a reconnect) belong to the
+// prompt that runs now. Events for prompt ids not bound yet are kept until
+// the /prompt response binds them.
+func (r *runner) lookup(ev comfy.Event) *active {
+	pid := ev.EventPromptID()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if pid == "" {
+		if p, ok := ev.(*comfy.Preview); ok && p.Meta != nil {
+			pid = p.Meta.PromptID
+		}
+	}
+	if pid == "" {
+		return r.current
+	}
+	if a := r.byPrompt[pid]; a != nil {
+		return a
+	}
+	if slices.Contains(r.gone, pid) {
+		return nil // a prompt we stopped following: late frames
+	}
+	// Unknown prompt: maybe ours before its /prompt response came back.
+	// Keep a bounded number, evicting the oldest (other clients' broadcast
+	// progress lands here too).
+	if r.early[pid] == nil {
+		if len(r.earlyOrder) >= maxEarlyPrompts {
+			delete(r.early, r.earlyOrder[0])
+			r.earlyOrder = r.earlyOrder[1:]
+		}
+		r.earlyOrder = append(r.earlyOrder, pid)
+	}
+	if len(r.early[pid]) < 256 {
+		r.early[pid] = append(r.early[pid], ev)
+	}
+	return nil
+}
+
+func (r *runner) setCurrent(a *active) {
+	r.mu.Lock()
+	r.current = a
+	r.mu.Unlock()
+}
+
+func (r *runner) clearCurrent(a *active) {
+	r.mu.Lock()
+	if r.current == a {
+		r.current = nil
+	}
+	r.mu.Unlock()
+}
+
+// finished starts completion of a prompt that the node says has ended.
+func (r *runner) finished(a *active) {
+	r.clearCurrent(a)
+	r.mu.Lock()
+	if a.zombie {
+		r.mu.Unlock()
+		r.forget(a.ref())
+		return
+	}
+	if a.finishing {
+		r.mu.Unlock()
+		return
+	}
+	a.finishing = true
+	r.mu.Unlock()
+	r.farm.kickScheduler() // the node is free: its next job need not wait for our copying
+	r.farm.wg.Add(1)
+	go func() {
+		defer r.farm.wg.Done()
+		r.farm.complete(r.farm.ctx, r, a)
+	}()
+}
+
+// reconcile checks active jobs against the node's queue and history: every
+// job after a reconnect (force), otherwise those without a recent sign of life.
+func (r *runner) reconcile(ctx context.Context, force bool) {
+	if force {
+		r.reconciling.Lock()
+	} else if !r.reconciling.TryLock() {
+		return
+	}
+	defer r.reconciling.Unlock()
+	f := r.farm
+	now := f.cfg.NowFunc()
+	type item struct {
+		a   *active
+		pid string
+	}
+	r.mu.Lock()
+	var check []item
+	var overdue []*active
+	for _, a := range r.jobs {
+		if a.posting || a.finishing {
+			continue
+		}
+		if !a.zombie && !a.runSince.IsZero() && now.Sub(a.runSince) >= f.cfg.JobTimeout {
+			overdue = append(overdue, a)
+			continue
+		}
+		if a.promptID == "" {
+			continue
+		}
+		if force || now.Sub(a.lastSign) >= f.cfg.ReconcileEvery || a.zombie {
+			check = append(check, item{a, a.promptID})
+		}
+	}
+	r.mu.Unlock()
+	for _, a := range overdue {
+		r.timeout(ctx, a)
+	}
+	for _, it := range check {
+		a := it.a
+		st, _, err := r.client.PromptStatus(ctx, it.pid)
+		r.mu.Lock()
+		current := r.jobs[a.jobID] == a && !a.finishing && !a.posting
+		zombie := a.zombie
+		stalled := now.Sub(a.lastSign) > f.cfg.StallTimeout
+		if err == nil && st.Phase != comfy.PromptLost {
+			a.lastSign = now
+		}
+		r.mu.Unlock()
+		if !current {
+			continue // moved on while we asked
+		}
+		if err != nil {
+			// The node does not answer. Give it until the stall timeout.
+			if stalled {
+				if zombie {
+					r.forget(a.ref())
+				} else {
+					f.requeue(ctx, r, a.ref(), "node unreachable: "+err.Error())
+				}
+			}
+			continue
+		}
+		switch st.Phase {
+		case comfy.PromptRunning:
+			if !zombie {
+				r.setCurrent(a)
+				f.markRunning(ctx, r, a)
+			}
+		case comfy.PromptPending:
+		case comfy.PromptDone:
+			r.finished(a)
+		case comfy.PromptLost:
+			if zombie {
+				r.forget(a.ref())
+			} else {
+				f.requeue(ctx, r, a.ref(), "prompt lost on the node (restarted?)")
+			}
+		}
+	}
+}
+
+// timeout interrupts and fails a job that has run longer than job_timeout.
+// Its prompt keeps the node's slot until the node says it ended.
+func (r *runner) timeout(ctx context.Context, a *active) {
+	r.mu.Lock()
+	if a.finishing || a.zombie || r.jobs[a.jobID] != a {
+		r.mu.Unlock()
+		return // it ended meanwhile
+	}
+	a.zombie = true
+	r.jobsFail++
+	r.mu.Unlock()
+	if err := r.interrupt(ctx, a); err != nil && !errors.Is(err, context.Canceled) {
+		r.log.Warn("interrupt timed out job", "job_id", a.jobID, "err", err)
+	}
+	r.farm.finishFailed(ctx, nil, a.ref(), &schema.JobError{Code: schema.CodeTimeout, Message: "the job ran longer than scheduler.job_timeout"})
+}
+
+// interrupt stops a's prompt on the node. Servers that know targeted
+// interrupts get the prompt id; older ones interrupt whatever runs, so the
+// queue is checked first and the (small) race accepted.
+func (r *runner) interrupt(ctx context.Context, a *active) error {
+	r.mu.Lock()
+	pid := a.promptID
+	targeted := r.features != nil && r.features.TargetedInterrupt
+	r.mu.Unlock()
+	if pid == "" {
+		return nil
+	}
+	if !targeted {
+		q, err := r.client.Queue(ctx)
+		if err != nil {
+			return err
+		}
+		if _, running, _ := q.Position(pid); !running {
+			return nil
+		}
+	}
+	return r.client.Interrupt(ctx, pid)
+}

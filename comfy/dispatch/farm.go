@@ -1,0 +1,454 @@
+package dispatch
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/oss"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// FarmConfig tunes the farm. Zero values take the defaults of DefaultFarmConfig.
+type FarmConfig struct {
+	InstanceID     string         // lease owner; random when empty
+	MaxAttempts    int            // scheduler.max_attempts
+	StallTimeout   time.Duration  // no event and no sign of the prompt on the node for this long: reconcile, then requeue
+	JobTimeout     time.Duration  // a job running longer is interrupted and failed
+	Lease          time.Duration  // lease of an active job, extended by a heartbeat
+	ReconcileEvery time.Duration  // how often active jobs without recent events are checked on their node
+	HistoryWait    time.Duration  // how long completion waits for the history entry
+	MaxOutputBytes int64          // per output file
+	MaxInputBytes  int64          // per input image
+	MaxImagePixels int64          // per input image, read from its header
+	MaxGraphNodes  int            // per workflow
+	Weights        map[string]int // frontend -> weight for fair scheduling
+	Logger         *slog.Logger
+	NowFunc        func() time.Time
+}
+
+// DefaultFarmConfig is the configuration of DESIGN §5.
+func DefaultFarmConfig() FarmConfig {
+	return FarmConfig{
+		MaxAttempts:    3,
+		StallTimeout:   120 * time.Second,
+		JobTimeout:     30 * time.Minute,
+		Lease:          60 * time.Second,
+		ReconcileEvery: 5 * time.Second,
+		HistoryWait:    30 * time.Second,
+		MaxOutputBytes: 512 << 20,
+		MaxInputBytes:  20 << 20,
+		MaxImagePixels: 50_000_000,
+		MaxGraphNodes:  2000,
+	}
+}
+
+func (c *FarmConfig) fill() {
+	d := DefaultFarmConfig()
+	orDefault(&c.MaxAttempts, d.MaxAttempts)
+	orDefault(&c.StallTimeout, d.StallTimeout)
+	orDefault(&c.JobTimeout, d.JobTimeout)
+	orDefault(&c.Lease, d.Lease)
+	orDefault(&c.ReconcileEvery, d.ReconcileEvery)
+	orDefault(&c.HistoryWait, d.HistoryWait)
+	orDefault(&c.MaxOutputBytes, d.MaxOutputBytes)
+	orDefault(&c.MaxInputBytes, d.MaxInputBytes)
+	orDefault(&c.MaxImagePixels, d.MaxImagePixels)
+	orDefault(&c.MaxGraphNodes, d.MaxGraphNodes)
+	if c.InstanceID == "" {
+		// Stable across restarts on one host, so that a restarted process
+		// recognises the leases of the jobs it was following.
+		if h, err := os.Hostname(); err == nil && h != "" {
+			c.InstanceID = h
+		} else {
+			var b [6]byte
+			_, _ = rand.Read(b[:])
+			c.InstanceID = "cf-" + hex.EncodeToString(b[:])
+		}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.NowFunc == nil {
+		c.NowFunc = time.Now
+	}
+}
+
+// orDefault replaces a zero or negative setting by its default.
+func orDefault[T int | int64 | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
+}
+
+// JobStore is the part of the control database the farm uses; satisfied by
+// *dbcontrollers.Store.
+type JobStore interface {
+	JobInsert(ctx context.Context, j *schema.Job) error
+	JobGet(ctx context.Context, id string) (*schema.Job, error)
+	JobByIdempotencyKey(ctx context.Context, frontend, key string) (*schema.Job, error)
+	JobList(ctx context.Context, f schema.JobFilter) ([]schema.Job, error)
+	JobListByState(ctx context.Context, states ...schema.JobState) ([]schema.Job, error)
+	JobClaim(ctx context.Context, p dbcontrollers.ClaimParams) (*schema.Job, error)
+	JobUpdate(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error)
+	JobExtendLease(ctx context.Context, owner string, ids []string, until time.Time) (int, error)
+	JobRescue(ctx context.Context, now time.Time, maxAttempts int) (requeued, failed []schema.Job, err error)
+	JobCounts(ctx context.Context) (map[schema.JobState]int, error)
+}
+
+// Frontends resolves a frontend name to its controller; satisfied by
+// *dbcontrollers.Registry.
+type Frontends interface {
+	Get(name string) (dbcontrollers.Controller, error)
+}
+
+// Farm is the job path: it keeps the queue, picks nodes, dispatches
+// workflows, follows them, stores their outputs and tells subscribers.
+// It implements the server's JobService and NodeService.
+type Farm struct {
+	cfg       FarmConfig
+	store     JobStore
+	frontends Frontends
+	storage   oss.Store
+	nodes     *Nodes
+	hub       *Hub
+	metrics   *farmMetrics
+	log       *slog.Logger
+
+	mu        sync.Mutex // guards the queue and positions; taken before rmu
+	queue     *fairQueue
+	positions map[string]int // last published position per queued job
+	rr        uint64         // round robin tie-break among equally good nodes
+
+	rmu     sync.RWMutex // guards runners; never held while calling the registry
+	runners map[string]*runner
+
+	kick chan struct{}
+	ctx  context.Context // set by Run; bounds background work
+
+	// onSchedule, set by tests, sees each scheduling pass under f.mu: the
+	// jobs it dispatched in order and every queued job's position after it.
+	onSchedule func(dispatched []string, positions map[string]int)
+	wg         sync.WaitGroup
+	started    chan struct{}
+}
+
+// NewFarm wires a farm. Call Run to start it.
+func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.Store, nodes *Nodes) *Farm {
+	cfg.fill()
+	f := &Farm{
+		cfg:       cfg,
+		store:     store,
+		frontends: frontends,
+		storage:   storage,
+		nodes:     nodes,
+		hub:       NewHub(),
+		metrics:   newFarmMetrics(),
+		log:       cfg.Logger.With("component", "farm"),
+		queue:     newFairQueue(cfg.Weights),
+		positions: make(map[string]int),
+		runners:   make(map[string]*runner),
+		kick:      make(chan struct{}, 1),
+		started:   make(chan struct{}),
+	}
+	nodes.SetRuntimeFunc(f.runtime)
+	return f
+}
+
+// Run loads the queue, adopts jobs that were active before a restart, starts
+// one runner per node and schedules until ctx is done.
+//
+// Shutdown order: the scheduler stops taking jobs first, then runners stop
+// following nodes (jobs stay dispatched/running in the database with their
+// leases; the next start adopts them), then background completions finish.
+func (f *Farm) Run(ctx context.Context) error {
+	f.ctx = ctx
+	if err := f.loadQueue(ctx); err != nil {
+		return fmt.Errorf("load queue: %w", err)
+	}
+	changes, unsub := f.nodes.Subscribe()
+	defer unsub()
+	for _, v := range f.nodes.List() {
+		f.startRunner(ctx, v.Name)
+	}
+	if err := f.adopt(ctx); err != nil {
+		f.log.Error("adopt active jobs", "err", err)
+	}
+	close(f.started)
+	f.kickScheduler()
+
+	tick := time.NewTicker(f.cfg.Lease / 3)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			f.stopRunners()
+			f.wg.Wait()
+			return nil
+		case ch, ok := <-changes:
+			if !ok {
+				changes = nil
+				continue
+			}
+			f.nodeChanged(ctx, ch)
+		case <-f.kick:
+			f.schedule(ctx)
+		case <-tick.C:
+			f.heartbeat(ctx)
+			f.rescue(ctx)
+			f.hub.GC()
+			f.schedule(ctx)
+		}
+	}
+}
+
+func (f *Farm) kickScheduler() {
+	select {
+	case f.kick <- struct{}{}:
+	default:
+	}
+}
+
+// loadQueue puts every queued job of the control DB into the scheduler.
+func (f *Farm) loadQueue(ctx context.Context) error {
+	jobs, err := f.store.JobListByState(ctx, schema.JobQueued)
+	if err != nil {
+		return err
+	}
+	var unreadable []string
+	f.mu.Lock()
+	for i := range jobs {
+		pj, err := pendingFromJob(&jobs[i], f.cfg.MaxGraphNodes)
+		if err != nil {
+			// Accepted under other limits, say: it can never run, so say so
+			// rather than hold its place (and its credits) forever.
+			unreadable = append(unreadable, jobs[i].ID)
+			f.log.Warn("queued job with an unreadable workflow", "job_id", jobs[i].ID, "err", err)
+			continue
+		}
+		f.queue.Push(pj)
+	}
+	f.metrics.queued.Set(float64(f.queue.Len()))
+	f.mu.Unlock()
+	for _, id := range unreadable {
+		f.failQueued(ctx, id, &schema.JobError{Code: schema.CodeValidationFailed, Message: "the workflow can no longer be read under the configured limits"})
+	}
+	return nil
+}
+
+// failQueued fails a job that never left the queue.
+func (f *Farm) failQueued(ctx context.Context, id string, jerr *schema.JobError) {
+	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: id, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed, Error: jerr, FinishedAt: ptr(f.cfg.NowFunc().UTC()),
+	})
+	if err != nil {
+		return
+	}
+	f.refund(ctx, job)
+	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
+}
+
+// schedule starts as many queued jobs as there are free node slots.
+func (f *Farm) schedule(ctx context.Context) {
+	if ctx.Err() != nil {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var dispatched []string
+	for f.queue.Len() > 0 {
+		pj, node := f.pickLocked()
+		if pj == nil {
+			break
+		}
+		r := f.runner(node)
+		job, err := f.store.JobClaim(ctx, dbcontrollers.ClaimParams{
+			ID: pj.ID, Node: node, Owner: f.cfg.InstanceID, LeaseUntil: f.cfg.NowFunc().Add(f.cfg.Lease),
+		})
+		f.queue.Take(pj.ID)
+		if err != nil {
+			if !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound) {
+				f.log.Error("claim job", "job_id", pj.ID, "node", node, "err", err)
+				f.queue.Push(pj) // the database will say later
+				break
+			}
+			continue // cancelled or taken meanwhile
+		}
+		delete(f.positions, pj.ID)
+		dispatched = append(dispatched, pj.ID)
+		a := r.reserve(job, pj, true)
+		f.hub.Publish(job.ID, schema.Event{Type: schema.EventDispatched, Node: node})
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			r.dispatch(ctx, job, a)
+		}()
+	}
+	f.metrics.queued.Set(float64(f.queue.Len()))
+	f.publishPositionsLocked(dispatched...)
+}
+
+// pickLocked finds the first job in plan order that some free node can run,
+// and the best such node for it.
+func (f *Farm) pickLocked() (*pendingJob, string) {
+	type cand struct {
+		name  string
+		r     *runner
+		limit int
+	}
+	var free []cand
+	for name, r := range f.runnerList() {
+		view, ok := f.nodes.Get(name)
+		if !ok || view.State != schema.NodeUp {
+			continue
+		}
+		n, _ := f.nodes.Node(name)
+		limit := n.MaxInflight
+		if limit <= 0 {
+			limit = 1
+		}
+		if n.Drain || r.inflight() >= limit {
+			continue
+		}
+		free = append(free, cand{name, r, limit})
+	}
+	if len(free) == 0 {
+		return nil, ""
+	}
+	for _, pj := range f.queue.Plan() {
+		best, bestScore := "", -1.0
+		for _, c := range free {
+			if !c.r.canRun(pj.Classes) {
+				continue
+			}
+			// Affinity first (models already loaded), then the least loaded,
+			// then the one that got work the longest ago.
+			score := float64(c.r.modelsLoaded(pj.Models))*1e6 +
+				(1-float64(c.r.inflight())/float64(c.limit))*1e3 -
+				float64(c.r.lastAssigned())/1e12
+			if score > bestScore {
+				best, bestScore = c.name, score
+			}
+		}
+		if best != "" {
+			f.rr++
+			f.runner(best).assigned(f.rr)
+			return pj, best
+		}
+	}
+	return nil, ""
+}
+
+// publishPositionsLocked pushes a queued event to every job whose position
+// changed since it was last told.
+func (f *Farm) publishPositionsLocked(dispatched ...string) {
+	pos := f.queue.Positions()
+	for id, p := range pos {
+		if old, ok := f.positions[id]; ok && old == p {
+			continue
+		}
+		f.positions[id] = p
+		p := p
+		f.hub.Publish(id, schema.Event{Type: schema.EventQueued, Position: &p})
+	}
+	for id := range f.positions {
+		if _, ok := pos[id]; !ok {
+			delete(f.positions, id)
+		}
+	}
+	if f.onSchedule != nil {
+		f.onSchedule(dispatched, maps.Clone(f.positions))
+	}
+}
+
+// position returns a queued job's place in the plan.
+func (f *Farm) position(id string) (int, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p, ok := f.positions[id]
+	if !ok {
+		if f.queue.Has(id) {
+			p, ok = f.queue.Positions()[id], true
+		}
+	}
+	return p, ok
+}
+
+// heartbeat extends the leases of every job this instance follows.
+func (f *Farm) heartbeat(ctx context.Context) {
+	var ids []string
+	for _, r := range f.runnerList() {
+		ids = append(ids, r.activeIDs()...)
+	}
+	if len(ids) == 0 {
+		return
+	}
+	if _, err := f.store.JobExtendLease(ctx, f.cfg.InstanceID, ids, f.cfg.NowFunc().Add(f.cfg.Lease)); err != nil && ctx.Err() == nil {
+		f.log.Error("extend leases", "err", err)
+	}
+}
+
+// rescue returns jobs whose lease expired (their instance died) to the queue.
+func (f *Farm) rescue(ctx context.Context) {
+	requeued, failed, err := f.store.JobRescue(ctx, f.cfg.NowFunc(), f.cfg.MaxAttempts)
+	if err != nil {
+		if ctx.Err() == nil {
+			f.log.Error("rescue expired leases", "err", err)
+		}
+		return
+	}
+	for i := range requeued {
+		f.requeued(&requeued[i])
+	}
+	for i := range failed {
+		j := &failed[i]
+		f.refund(ctx, j)
+		f.hub.Publish(j.ID, schema.Event{Type: schema.EventFailed, Error: j.Error})
+	}
+}
+
+// requeued puts a job that went back to queued into the scheduler.
+func (f *Farm) requeued(j *schema.Job) {
+	pj, err := pendingFromJob(j, f.cfg.MaxGraphNodes)
+	if err != nil {
+		f.log.Error("requeue job", "job_id", j.ID, "err", err)
+		return
+	}
+	f.mu.Lock()
+	f.queue.Push(pj)
+	f.mu.Unlock()
+	f.kickScheduler()
+}
+
+// refund returns the credits a job was charged, once.
+func (f *Farm) refund(ctx context.Context, j *schema.Job) {
+	if j.Charged <= 0 {
+		return
+	}
+	c, err := f.frontends.Get(j.Frontend)
+	if err != nil {
+		return
+	}
+	// A refund must not be lost because the request that caused it ended.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	err = dbcontrollers.InTx(ctx, c.DB(), func(tx *sqlx.Tx) error {
+		_, err := c.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
+			UserID: j.UserID, Delta: j.Charged, Reason: "refund job " + j.ID, IdempotencyKey: "job:" + j.ID + ":refund",
+		})
+		return err
+	})
+	if err != nil {
+		f.log.Error("refund credits", "job_id", j.ID, "err", err)
+	}
+}

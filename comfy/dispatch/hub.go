@@ -1,0 +1,330 @@
+package dispatch
+
+import (
+	"sync"
+	"time"
+
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// Hub fans job events out to subscribers. A publisher never blocks: each
+// subscriber has a bounded queue, and when it is full the oldest droppable
+// events (progress, previews, executed, keep-alives) are discarded to make room.
+// State changes and terminal events are never dropped; there are at most a
+// handful per job, so the queue stays bounded in practice.
+//
+// Each job keeps a short ring of recent events so that a subscriber can resume
+// with Last-Event-ID; when the asked-for event has left the ring, it gets a
+// fresh snapshot instead.
+type Hub struct {
+	mu      sync.Mutex
+	streams map[string]*jobStream
+
+	// RingSize is how many recent events a job keeps for resumption.
+	RingSize int
+	// QueueSize bounds a subscriber's backlog of droppable events.
+	QueueSize int
+	// Linger is how long a finished job's stream is kept for late subscribers.
+	Linger  time.Duration
+	NowFunc func() time.Time
+}
+
+// NewHub makes a hub with sensible bounds.
+func NewHub() *Hub {
+	return &Hub{
+		streams:   make(map[string]*jobStream),
+		RingSize:  256,
+		QueueSize: 64,
+		Linger:    10 * time.Minute,
+		NowFunc:   time.Now,
+	}
+}
+
+type jobStream struct {
+	seq      int64
+	ring     []schema.Event
+	subs     map[*subscriber]struct{}
+	terminal bool
+	doneAt   time.Time
+}
+
+type subscriber struct {
+	mu       sync.Mutex
+	queue    []schema.Event
+	notify   chan struct{}
+	closed   bool
+	previews bool
+	drain    bool // close the channel when the queue is empty
+	dropped  int64
+}
+
+// stream returns the job's stream, creating it with a sequence base derived
+// from the clock, so that sequence numbers keep increasing across restarts of
+// the process and a client's "ignore what I have seen" stays correct.
+func (h *Hub) stream(jobID string) *jobStream {
+	s := h.streams[jobID]
+	if s == nil {
+		s = &jobStream{seq: h.NowFunc().UnixMilli() * 1000, subs: make(map[*subscriber]struct{})}
+		h.streams[jobID] = s
+	}
+	return s
+}
+
+// Publish assigns the next sequence number to ev and delivers it. It returns
+// the event as delivered.
+func (h *Hub) Publish(jobID string, ev schema.Event) schema.Event {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.stream(jobID)
+	if s.terminal {
+		return ev // nothing follows a terminal event
+	}
+	s.seq++
+	ev.Seq = s.seq
+	ev.JobID = jobID
+	if ev.Time.IsZero() {
+		ev.Time = h.NowFunc().UTC()
+	}
+	if ev.Type != schema.EventPreview {
+		s.ring = append(s.ring, ev)
+		if len(s.ring) > h.RingSize {
+			s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)
+		}
+	}
+	for sub := range s.subs {
+		if ev.Type == schema.EventPreview && !sub.previews {
+			continue
+		}
+		sub.push(ev, h.QueueSize)
+	}
+	if ev.Type.Terminal() {
+		s.terminal = true
+		s.doneAt = h.NowFunc()
+		s.subs = map[*subscriber]struct{}{}
+	}
+	return ev
+}
+
+// LastSeq is the newest sequence number of the job's stream (0 if none).
+func (h *Hub) LastSeq(jobID string) int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if s := h.streams[jobID]; s != nil {
+		return s.seq
+	}
+	return 0
+}
+
+// Subscribe registers a subscriber. With after > 0 and every event after it
+// still in the ring, those events are replayed; otherwise the subscriber first
+// gets a snapshot built by snapshot. The subscriber is registered before the
+// snapshot is built (outside the hub lock, since building it may take other
+// locks), so no event can slip between the snapshot and the live stream; an
+// event that happened while the snapshot was built is delivered after it
+// (state events restate, they never contradict).
+func (h *Hub) Subscribe(jobID string, after int64, previews bool, snapshot func() (*schema.Job, error)) (<-chan schema.Event, func(), error) {
+	sub := &subscriber{notify: make(chan struct{}, 1), previews: previews}
+	h.mu.Lock()
+	s := h.stream(jobID)
+	resumed := false
+	if after > 0 && len(s.ring) > 0 && s.ring[0].Seq <= after+1 && after <= s.seq {
+		for _, ev := range s.ring {
+			if ev.Seq > after {
+				sub.queue = append(sub.queue, ev)
+			}
+		}
+		resumed = true
+	}
+	var ended *schema.Event // the stream's own terminal event, when it has one
+	if s.terminal {
+		sub.drain = true // nothing more will come: close once the backlog is out
+		if n := len(s.ring); n > 0 && s.ring[n-1].Type.Terminal() {
+			last := s.ring[n-1]
+			ended = &last
+		}
+	} else {
+		s.subs[sub] = struct{}{}
+	}
+	seq := s.seq
+	h.mu.Unlock()
+
+	if !resumed {
+		job, err := snapshot()
+		if err != nil {
+			h.unsubscribe(jobID, sub)
+			return nil, nil, err
+		}
+		first := []schema.Event{{Seq: seq, Type: schema.EventSnapshot, JobID: jobID, Time: h.NowFunc().UTC(), Job: job}}
+		sub.mu.Lock()
+		hasTerminal := false
+		for _, ev := range sub.queue {
+			hasTerminal = hasTerminal || ev.Type.Terminal()
+		}
+		if job.State.Terminal() && !hasTerminal {
+			// The job ended before this subscriber came: say how, then
+			// close. Sequence numbers stay strictly increasing: the
+			// stream's own terminal event follows a snapshot numbered just
+			// before it, or a restated one follows the snapshot.
+			if ended != nil {
+				first[0].Seq = ended.Seq - 1
+				first = append(first, *ended)
+			} else {
+				first = append(first, terminalEvent(job, seq+1, h.NowFunc()))
+			}
+			sub.drain = true
+		}
+		sub.queue = append(first, sub.queue...)
+		sub.mu.Unlock()
+		if sub.drain {
+			h.unsubscribe(jobID, sub)
+		}
+	}
+
+	out := make(chan schema.Event)
+	done := make(chan struct{})
+	var once sync.Once
+	cancel := func() {
+		once.Do(func() {
+			h.unsubscribe(jobID, sub)
+			close(done)
+		})
+	}
+	go sub.pump(out, done)
+	return out, cancel, nil
+}
+
+func (h *Hub) unsubscribe(jobID string, sub *subscriber) {
+	h.mu.Lock()
+	if s := h.streams[jobID]; s != nil {
+		delete(s.subs, sub)
+	}
+	h.mu.Unlock()
+}
+
+// terminalEvent restates a finished job's end as its terminal event.
+func terminalEvent(job *schema.Job, seq int64, now time.Time) schema.Event {
+	ev := schema.Event{Seq: seq, JobID: job.ID, Time: now.UTC()}
+	if job.FinishedAt != nil {
+		ev.Time = *job.FinishedAt
+	}
+	switch job.State {
+	case schema.JobSucceeded:
+		ev.Type, ev.Outputs = schema.EventSucceeded, job.Outputs
+	case schema.JobFailed:
+		ev.Type, ev.Error = schema.EventFailed, job.Error
+	default:
+		ev.Type = schema.EventCancelled
+	}
+	return ev
+}
+
+func (sub *subscriber) push(ev schema.Event, limit int) {
+	sub.mu.Lock()
+	if sub.closed {
+		sub.mu.Unlock()
+		return
+	}
+	if ev.Type == schema.EventQueued {
+		// A newer position replaces one not yet delivered.
+		kept := sub.queue[:0]
+		for _, q := range sub.queue {
+			if q.Type != schema.EventQueued {
+				kept = append(kept, q)
+			}
+		}
+		sub.queue = kept
+	}
+	if len(sub.queue) >= limit {
+		// Make room by dropping the oldest droppable events; if the new one
+		// is droppable and nothing can go, drop the new one.
+		kept := sub.queue[:0]
+		dropped := 0
+		need := len(sub.queue) - limit + 1
+		for _, q := range sub.queue {
+			if dropped < need && q.Type.Droppable() {
+				dropped++
+				continue
+			}
+			kept = append(kept, q)
+		}
+		sub.queue = kept
+		sub.dropped += int64(dropped)
+		if dropped < need && ev.Type.Droppable() {
+			sub.dropped++
+			sub.mu.Unlock()
+			return
+		}
+	}
+	sub.queue = append(sub.queue, ev)
+	sub.mu.Unlock()
+	select {
+	case sub.notify <- struct{}{}:
+	default:
+	}
+}
+
+// pump moves queued events to out until a terminal event went out or done.
+func (sub *subscriber) pump(out chan<- schema.Event, done <-chan struct{}) {
+	defer close(out)
+	defer func() {
+		sub.mu.Lock()
+		sub.closed = true
+		sub.queue = nil
+		sub.mu.Unlock()
+	}()
+	for {
+		sub.mu.Lock()
+		batch := sub.queue
+		sub.queue = nil
+		sub.mu.Unlock()
+		for _, ev := range batch {
+			select {
+			case out <- ev:
+			case <-done:
+				return
+			}
+			if ev.Type.Terminal() {
+				return
+			}
+		}
+		if len(batch) > 0 {
+			continue
+		}
+		if sub.drain {
+			return
+		}
+		select {
+		case <-sub.notify:
+		case <-done:
+			return
+		}
+	}
+}
+
+// Subscribers counts live subscribers of a job.
+func (h *Hub) Subscribers(jobID string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if s := h.streams[jobID]; s != nil {
+		return len(s.subs)
+	}
+	return 0
+}
+
+// GC forgets streams of jobs that ended more than Linger ago.
+func (h *Hub) GC() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	cut := h.NowFunc().Add(-h.Linger)
+	for id, s := range h.streams {
+		if s.terminal && s.doneAt.Before(cut) {
+			delete(h.streams, id)
+			n++
+		} else if !s.terminal && len(s.subs) == 0 && len(s.ring) == 0 {
+			delete(h.streams, id)
+			n++
+		}
+	}
+	return n
+}

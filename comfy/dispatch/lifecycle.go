@@ -1,0 +1,327 @@
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+var activeStates = []schema.JobState{schema.JobDispatched, schema.JobRunning, schema.JobStoring}
+
+func ptr[T any](v T) *T { return &v }
+
+// markRunning records that the node started a's prompt.
+func (f *Farm) markRunning(ctx context.Context, r *runner, a *active) {
+	r.mu.Lock()
+	if a.state != schema.JobDispatched {
+		r.mu.Unlock()
+		return
+	}
+	now := f.cfg.NowFunc()
+	a.state = schema.JobRunning
+	a.runSince = now
+	r.mu.Unlock()
+	_, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: a.jobID, From: []schema.JobState{schema.JobDispatched}, State: schema.JobRunning, StartedAt: ptr(now.UTC()),
+		Attempt: attemptOf(a.ref()),
+	})
+	if err != nil {
+		if !errors.Is(err, schema.ErrConflict) {
+			r.log.Error("mark running", "job_id", a.jobID, "err", err)
+		}
+		return
+	}
+	f.hub.Publish(a.jobID, schema.Event{Type: schema.EventRunning, Node: r.name})
+}
+
+// finishFailed ends a job as failed: no retry.
+func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *schema.JobError) {
+	if r != nil {
+		r.forget(ref)
+		r.mu.Lock()
+		r.jobsFail++
+		r.mu.Unlock()
+	}
+	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: ref.id, From: activeStates, State: schema.JobFailed, Error: jerr, Attempt: attemptOf(ref),
+		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
+	})
+	if err != nil {
+		if !errors.Is(err, schema.ErrConflict) {
+			f.log.Error("mark failed", "job_id", ref.id, "err", err)
+		}
+		return
+	}
+	f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+	f.refund(ctx, job)
+	f.hub.Publish(ref.id, schema.Event{Type: schema.EventFailed, Error: jerr})
+}
+
+// requeue sends an active job back to the queue (the node failed it), or fails
+// it when it has used all its attempts. ref's attempt guards against acting
+// on a newer attempt than the one that failed.
+func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string) {
+	job, err := f.store.JobGet(ctx, ref.id)
+	if err != nil {
+		// Stop following it all the same: its lease then runs out and the
+		// rescuer returns it to the queue.
+		f.log.Error("requeue: read job", "job_id", ref.id, "err", err)
+		if r != nil {
+			r.forget(ref)
+		}
+		return
+	}
+	if ref.attempt != 0 && job.Attempts != ref.attempt {
+		if r != nil {
+			r.forget(ref) // an older attempt: nothing of it is left to do
+		}
+		return
+	}
+	if job.Attempts >= f.cfg.MaxAttempts {
+		f.finishFailed(ctx, r, jobRef{ref.id, job.Attempts}, &schema.JobError{Code: schema.CodeNodeLost, Message: "gave up after " +
+			strconv.Itoa(job.Attempts) + " attempts: " + reason})
+		return
+	}
+	if r != nil {
+		r.forget(ref)
+	}
+	job, err = f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: ref.id, From: activeStates, State: schema.JobQueued, Node: ptr(""), PromptID: ptr(""), ClearLease: true,
+		Attempt: &job.Attempts,
+	})
+	if err != nil {
+		if !errors.Is(err, schema.ErrConflict) {
+			f.log.Error("requeue", "job_id", ref.id, "err", err)
+		}
+		return
+	}
+	f.log.Info("job requeued", "job_id", ref.id, "attempts", job.Attempts, "reason", reason)
+	f.metrics.requeued.Inc()
+	f.requeued(job)
+}
+
+// complete confirms the end of a's prompt through the node's history and
+// stores its outputs.
+func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
+	entry, err := f.waitHistory(ctx, r, a.promptID)
+	if err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		// Not in history after the wait: let reconcile look again later.
+		r.log.Warn("no history for finished prompt", "job_id", a.jobID, "prompt_id", a.promptID, "err", err)
+		r.mu.Lock()
+		a.finishing = false
+		r.mu.Unlock()
+		return
+	}
+	switch entry.Outcome() {
+	case comfy.OutcomeError:
+		jerr := &schema.JobError{Code: schema.CodeExecutionError, Message: "the workflow failed on the node"}
+		if ee := entry.ExecError(); ee != nil {
+			jerr.Message, jerr.NodeID, jerr.NodeType = ee.ExceptionMessage, ee.NodeID, ee.NodeType
+			jerr.Details = map[string]any{"exception_type": ee.ExceptionType, "traceback": ee.Traceback}
+		}
+		f.finishFailed(ctx, r, a.ref(), jerr)
+		return
+	case comfy.OutcomeInterrupted:
+		f.requeue(ctx, r, a.ref(), "interrupted on the node")
+		return
+	}
+	r.mu.Lock()
+	a.state = schema.JobStoring
+	r.jobsDone++
+	for _, m := range a.models {
+		if i := slices.Index(r.models, m); i >= 0 {
+			r.models = slices.Delete(r.models, i, i+1)
+		}
+		r.models = append(r.models, m)
+	}
+	if len(r.models) > 8 {
+		r.models = r.models[len(r.models)-8:]
+	}
+	r.mu.Unlock()
+	f.kickScheduler() // the GPU is free while outputs are copied
+	f.storeOutputs(ctx, r, a, entry)
+}
+
+// waitHistory polls the history entry: it is written shortly after
+// execution_success, just before executing(null).
+func (f *Farm) waitHistory(ctx context.Context, r *runner, promptID string) (*comfy.HistoryEntry, error) {
+	deadline := f.cfg.NowFunc().Add(f.cfg.HistoryWait)
+	wait := 5 * time.Millisecond
+	for {
+		entry, err := r.client.History(ctx, promptID)
+		if err == nil {
+			return entry, nil
+		}
+		if f.cfg.NowFunc().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+		if wait < time.Second {
+			wait *= 2
+		}
+	}
+}
+
+// adopt takes over jobs that were active when the previous process stopped:
+// each is checked on its node and followed, completed, or requeued.
+func (f *Farm) adopt(ctx context.Context) error {
+	jobs, err := f.store.JobListByState(ctx, activeStates...)
+	if err != nil {
+		return err
+	}
+	touched := map[*runner]bool{}
+	now := f.cfg.NowFunc()
+	for i := range jobs {
+		job := &jobs[i]
+		if job.LeaseOwner != "" && job.LeaseOwner != f.cfg.InstanceID && job.LeaseExpiresAt != nil && job.LeaseExpiresAt.After(now) {
+			continue // another live instance follows it
+		}
+		r := f.runner(job.Node)
+		if r == nil {
+			f.requeue(ctx, nil, jobRef{job.ID, job.Attempts}, "its node is no longer registered")
+			continue
+		}
+		if _, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+			ID: job.ID, From: activeStates, LeaseOwner: ptr(f.cfg.InstanceID), LeaseUntil: ptr(f.cfg.NowFunc().Add(f.cfg.Lease)),
+		}); err != nil {
+			continue
+		}
+		pj, _ := pendingFromJob(job, f.cfg.MaxGraphNodes)
+		if pj == nil {
+			pj = &pendingJob{ID: job.ID}
+		}
+		a := r.reserve(job, pj, false)
+		r.mu.Lock()
+		a.state = job.State
+		if job.StartedAt != nil {
+			a.runSince = *job.StartedAt
+		}
+		r.mu.Unlock()
+		pid := job.PromptID
+		if pid == "" {
+			pid = promptFor(job) // posted but the response was lost: we chose this id
+		}
+		r.bind(job.ID, pid)
+		if job.State == schema.JobStoring {
+			r.mu.Lock()
+			a.finishing = true
+			r.mu.Unlock()
+			f.wg.Add(1)
+			go func() {
+				defer f.wg.Done()
+				f.complete(ctx, r, a)
+			}()
+			continue
+		}
+		touched[r] = true
+	}
+	for r := range touched {
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			r.reconcile(ctx, true)
+		}()
+	}
+	if len(jobs) > 0 {
+		f.log.Info("adopted active jobs", "count", len(jobs))
+	}
+	return nil
+}
+
+// runner returns the runner of a node, or nil.
+func (f *Farm) runner(name string) *runner {
+	f.rmu.RLock()
+	defer f.rmu.RUnlock()
+	return f.runners[name]
+}
+
+// runnerList copies the runners map.
+func (f *Farm) runnerList() map[string]*runner {
+	f.rmu.RLock()
+	defer f.rmu.RUnlock()
+	return maps.Clone(f.runners)
+}
+
+// nodeChanged follows the registry: new nodes get a runner, removed nodes
+// give their jobs back to the queue, a node coming up may take work.
+func (f *Farm) nodeChanged(ctx context.Context, ch NodeChange) {
+	switch {
+	case ch.Added:
+		f.startRunner(ctx, ch.Name)
+	case ch.Removed:
+		f.rmu.Lock()
+		r := f.runners[ch.Name]
+		delete(f.runners, ch.Name)
+		f.rmu.Unlock()
+		if r == nil {
+			break
+		}
+		// Off the farm loop: interrupting a hung node can take a while.
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.retire(ctx, r)
+		}()
+	}
+	f.kickScheduler()
+}
+
+// retire stops a removed node's runner and gives its unfinished jobs back to
+// the queue. Jobs whose run the node already finished keep storing their
+// outputs: that GPU work is not done again.
+func (f *Farm) retire(ctx context.Context, r *runner) {
+	r.stop()
+	<-r.done
+	r.mu.Lock()
+	var back []*active
+	for _, a := range r.jobs {
+		if !a.zombie && !a.finishing {
+			back = append(back, a)
+		}
+	}
+	r.mu.Unlock()
+	for _, a := range back {
+		ictx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_ = r.interrupt(ictx, a)
+		cancel()
+		f.requeue(ctx, r, a.ref(), "node removed")
+	}
+}
+
+// runtime is what the dispatcher knows of a node, for the node view. It must
+// not take f.mu: the registry calls it under its own lock.
+func (f *Farm) runtime(name string) Runtime {
+	r := f.runner(name)
+	if r == nil {
+		return Runtime{}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rt := Runtime{ModelsLoaded: slices.Clone(r.models), JobsDone: r.jobsDone, JobsFailed: r.jobsFail}
+	for _, a := range r.jobs {
+		if a.holdsSlot() {
+			rt.Inflight++
+		}
+	}
+	if r.current != nil {
+		rt.CurrentJob = r.current.jobID
+	}
+	if rt.ModelsLoaded == nil {
+		rt.ModelsLoaded = []string{}
+	}
+	return rt
+}

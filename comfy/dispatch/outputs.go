@@ -1,0 +1,230 @@
+package dispatch
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/oss"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// storeOutputs copies every output of a finished prompt into storage, records
+// them as photo rows of the job's frontend and marks the job succeeded.
+//
+// It is idempotent: object keys are fixed by (job, output index), so a retry
+// overwrites the same objects, and photo rows are unique on (job, index). The
+// photo rows live in the frontend's database and the job in the control
+// database, so they cannot share one transaction; the photos are written
+// first and the job is marked succeeded after, so a crash in between is
+// repaired by the next attempt (adoption at start re-runs a storing job).
+// While storage fails the job stays storing and this retries with back-off:
+// a job is never succeeded without its objects.
+func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *comfy.HistoryEntry) {
+	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: a.jobID, From: activeStates, State: schema.JobStoring, Attempt: attemptOf(a.ref())})
+	if err != nil {
+		if !errors.Is(err, schema.ErrConflict) {
+			r.log.Error("mark storing", "job_id", a.jobID, "err", err)
+		}
+		r.forget(a.ref())
+		return
+	}
+	f.hub.Publish(job.ID, schema.Event{Type: schema.EventStoring})
+
+	wait := 200 * time.Millisecond
+	var firstNodeErr time.Time
+	for attempt := 1; ; attempt++ {
+		outputs, err := f.copyOutputs(ctx, r, job, entry)
+		if err == nil {
+			f.succeed(ctx, r, job, outputs)
+			return
+		}
+		if ctx.Err() != nil {
+			return // adopted and retried at the next start
+		}
+		var nerr *nodeReadError
+		if errors.As(err, &nerr) {
+			if firstNodeErr.IsZero() {
+				firstNodeErr = f.cfg.NowFunc()
+			}
+			if f.cfg.NowFunc().Sub(firstNodeErr) > f.cfg.StallTimeout {
+				// The node lost the files (or itself): the run has to happen again.
+				f.requeue(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
+				return
+			}
+		}
+		var perm *permanentError
+		if errors.As(err, &perm) {
+			f.finishFailed(ctx, r, a.ref(), perm.jerr)
+			return
+		}
+		f.metrics.storageRetries.Inc()
+		r.log.Warn("storing outputs failed, retrying", "job_id", job.ID, "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		if wait < 30*time.Second {
+			wait *= 2
+		}
+	}
+}
+
+type nodeReadError struct{ err error }
+
+func (e *nodeReadError) Error() string { return "read from node: " + e.err.Error() }
+func (e *nodeReadError) Unwrap() error { return e.err }
+
+type permanentError struct{ jerr *schema.JobError }
+
+func (e *permanentError) Error() string { return e.jerr.Error() }
+
+// copyOutputs streams each output file from the node into storage and writes
+// the photo rows. It returns the job's outputs.
+func (f *Farm) copyOutputs(ctx context.Context, r *runner, job *schema.Job, entry *comfy.HistoryEntry) ([]schema.Output, error) {
+	ctrl, err := f.frontends.Get(job.Frontend)
+	if err != nil {
+		return nil, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "frontend no longer configured"}}
+	}
+	var files []comfy.FileRef
+	for _, fr := range entry.Files() {
+		if fr.Type == "input" {
+			continue // a LoadImage echo, not something the job made
+		}
+		files = append(files, fr)
+	}
+	var outputs []schema.Output
+	var photos []*schema.Photo
+	for _, fr := range files {
+		obj, err := f.copyOne(ctx, r, job, fr, len(outputs))
+		if err != nil {
+			return nil, err
+		}
+		if ctrl.AcceptOutput(obj.ContentType) != nil {
+			_ = f.storage.Delete(ctx, obj.Key)
+			r.log.Info("output refused by the frontend's controller", "job_id", job.ID, "content_type", obj.ContentType)
+			continue
+		}
+		outputs = append(outputs, obj)
+		photos = append(photos, &schema.Photo{
+			UserID: job.UserID, JobID: job.ID, OutputIndex: len(photos), ObjectKey: obj.Key,
+			ContentType: obj.ContentType, Width: obj.Width, Height: obj.Height, Bytes: obj.Bytes,
+			SHA256: obj.SHA256, Node: r.name, Metadata: job.Metadata,
+		})
+	}
+	if len(outputs) == 0 {
+		return nil, &permanentError{&schema.JobError{Code: schema.CodeNoOutputs, Message: "the workflow produced no output this frontend accepts"}}
+	}
+	err = dbcontrollers.InTx(ctx, ctrl.DB(), func(tx *sqlx.Tx) error {
+		if _, err := ctrl.UserEnsure(ctx, tx, job.UserID); err != nil {
+			return err
+		}
+		for i, p := range photos {
+			if err := ctrl.PhotoInsert(ctx, tx, p); err != nil {
+				return fmt.Errorf("photo %d: %w", i, err)
+			}
+			outputs[i].PhotoID = p.ID
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return outputs, nil
+}
+
+// copyOne streams one file from the node to a temporary file (hashing it and
+// reading its header on the way), then puts it into storage with its size.
+// The node's filename only ever goes back to the node as a query parameter;
+// the object key is ours.
+func (f *Farm) copyOne(ctx context.Context, r *runner, job *schema.Job, fr comfy.FileRef, index int) (schema.Output, error) {
+	if err := fr.Validate(); err != nil {
+		return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "the node named an unsafe output file", NodeID: fr.NodeID}}
+	}
+	rc, err := r.client.View(ctx, fr, f.cfg.MaxOutputBytes)
+	if err != nil {
+		if errors.Is(err, comfy.ErrTooLarge) {
+			return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "an output is larger than the limit", NodeID: fr.NodeID}}
+		}
+		return schema.Output{}, &nodeReadError{err}
+	}
+	defer rc.Close()
+	tmp, err := os.CreateTemp("", "comfyfarm-output-*")
+	if err != nil {
+		return schema.Output{}, err
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+
+	br := bufio.NewReaderSize(rc, 64<<10)
+	head, _ := br.Peek(64 << 10)
+	head = bytes.Clone(head)
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(tmp, h), br)
+	if err != nil {
+		if errors.Is(err, comfy.ErrTooLarge) {
+			return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "an output is larger than the limit", NodeID: fr.NodeID}}
+		}
+		return schema.Output{}, &nodeReadError{err}
+	}
+	ct, ext := oss.Sniff(head)
+	out := schema.Output{
+		ContentType: ct, Bytes: n, SHA256: hex.EncodeToString(h.Sum(nil)),
+		Filename: safeBase(fr.Filename), NodeID: fr.NodeID,
+		Key: oss.ObjectKey(job.Frontend, job.CreatedAt, job.ID, index, ext),
+	}
+	if strings.HasPrefix(ct, "image/") {
+		if meta, err := oss.ImageInfo(bytes.NewReader(head)); err == nil {
+			out.Width, out.Height = meta.Width, meta.Height
+		}
+	}
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return schema.Output{}, err
+	}
+	if err := f.storage.Put(ctx, out.Key, tmp, n, ct); err != nil {
+		return schema.Output{}, fmt.Errorf("put %s: %w", out.Key, err)
+	}
+	return out, nil
+}
+
+// safeBase keeps only the last element of a node-supplied name, for display.
+func safeBase(name string) string {
+	name = strings.ReplaceAll(name, "\\", "/")
+	b := path.Base(name)
+	if b == "." || b == "/" || b == ".." {
+		return ""
+	}
+	return b
+}
+
+// succeed marks the job succeeded with its outputs and tells subscribers.
+func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs []schema.Output) {
+	done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: job.ID, From: []schema.JobState{schema.JobStoring}, State: schema.JobSucceeded, Attempt: &job.Attempts,
+		Outputs: outputs, FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
+	})
+	r.forget(jobRef{job.ID, job.Attempts})
+	if err != nil {
+		if !errors.Is(err, schema.ErrConflict) {
+			r.log.Error("mark succeeded", "job_id", job.ID, "err", err)
+		}
+		return
+	}
+	f.metrics.finished.WithLabelValues(done.Frontend, string(schema.JobSucceeded)).Inc()
+	f.metrics.jobSeconds.Observe(done.FinishedAt.Sub(done.CreatedAt).Seconds())
+	f.hub.Publish(job.ID, schema.Event{Type: schema.EventSucceeded, Outputs: done.Outputs})
+}

@@ -1,0 +1,180 @@
+package dispatch
+
+import (
+	"sort"
+	"time"
+)
+
+// pendingJob is what the scheduler keeps in memory about a queued job.
+type pendingJob struct {
+	ID       string
+	Frontend string
+	Priority int
+	Created  time.Time
+	Classes  []string // class types of the graph
+	Models   []string // checkpoints and other model files it loads
+}
+
+// before orders jobs of one frontend: priority first, then FIFO.
+func (a *pendingJob) before(b *pendingJob) bool {
+	if a.Priority != b.Priority {
+		return a.Priority > b.Priority
+	}
+	if !a.Created.Equal(b.Created) {
+		return a.Created.Before(b.Created)
+	}
+	return a.ID < b.ID
+}
+
+// fairQueue orders queued jobs: fair across frontends by smooth weighted round
+// robin, by priority and then FIFO within a frontend.
+//
+// Smooth weighted round robin (as in nginx): at each pick every frontend with
+// work adds its weight to its credit, the one with the most credit is picked
+// and pays the total weight. With equal weights this is plain round robin, so
+// a frontend that arrives behind another's backlog of 100 jobs waits for at
+// most one pick. Ties go to the frontend served least recently.
+//
+// The same procedure, run on a copy of the state, gives the order in which the
+// scheduler will start every queued job: that order is each job's position.
+type fairQueue struct {
+	jobs    map[string][]*pendingJob // per frontend, sorted
+	byID    map[string]*pendingJob
+	credit  map[string]int
+	served  map[string]uint64 // pick counter value when last served
+	picks   uint64
+	weights map[string]int
+}
+
+func newFairQueue(weights map[string]int) *fairQueue {
+	return &fairQueue{
+		jobs:    make(map[string][]*pendingJob),
+		byID:    make(map[string]*pendingJob),
+		credit:  make(map[string]int),
+		served:  make(map[string]uint64),
+		weights: weights,
+	}
+}
+
+func (q *fairQueue) weight(frontend string) int {
+	if w := q.weights[frontend]; w > 0 {
+		return w
+	}
+	return 1
+}
+
+func (q *fairQueue) Len() int { return len(q.byID) }
+
+func (q *fairQueue) Has(id string) bool { _, ok := q.byID[id]; return ok }
+
+// Push adds a job (no-op if present).
+func (q *fairQueue) Push(j *pendingJob) {
+	if q.byID[j.ID] != nil {
+		return
+	}
+	q.byID[j.ID] = j
+	list := q.jobs[j.Frontend]
+	i := sort.Search(len(list), func(i int) bool { return j.before(list[i]) })
+	list = append(list, nil)
+	copy(list[i+1:], list[i:])
+	list[i] = j
+	q.jobs[j.Frontend] = list
+}
+
+// Remove takes a job out (no-op if absent).
+func (q *fairQueue) Remove(id string) *pendingJob {
+	j := q.byID[id]
+	if j == nil {
+		return nil
+	}
+	delete(q.byID, id)
+	list := q.jobs[j.Frontend]
+	for i, x := range list {
+		if x == j {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(q.jobs, j.Frontend)
+		delete(q.credit, j.Frontend) // an idle frontend banks no credit
+	} else {
+		q.jobs[j.Frontend] = list
+	}
+	return j
+}
+
+// Plan returns every queued job in the order the scheduler will start them,
+// assuming any node can run any job.
+func (q *fairQueue) Plan() []*pendingJob {
+	credit := make(map[string]int, len(q.jobs))
+	served := make(map[string]uint64, len(q.jobs))
+	heads := make(map[string]int, len(q.jobs))
+	names := make([]string, 0, len(q.jobs))
+	for f := range q.jobs {
+		credit[f] = q.credit[f]
+		served[f] = q.served[f]
+		names = append(names, f)
+	}
+	sort.Strings(names)
+	out := make([]*pendingJob, 0, len(q.byID))
+	picks := q.picks
+	for len(out) < len(q.byID) {
+		f := pickFrontend(names, heads, q.jobs, credit, served, q.weight)
+		picks++
+		served[f] = picks
+		out = append(out, q.jobs[f][heads[f]])
+		heads[f]++
+	}
+	return out
+}
+
+// pickFrontend runs one step of smooth weighted round robin over the
+// frontends that still have jobs past their head index.
+func pickFrontend(names []string, heads map[string]int, jobs map[string][]*pendingJob,
+	credit map[string]int, served map[string]uint64, weight func(string) int) string {
+	total := 0
+	best := ""
+	for _, f := range names {
+		if heads[f] >= len(jobs[f]) {
+			continue
+		}
+		w := weight(f)
+		total += w
+		credit[f] += w
+		if best == "" || credit[f] > credit[best] || (credit[f] == credit[best] && served[f] < served[best]) {
+			best = f
+		}
+	}
+	credit[best] -= total
+	return best
+}
+
+// Take removes job id as the scheduler starts it and charges its frontend
+// the pick, keeping the round robin state as if the plan had been followed.
+func (q *fairQueue) Take(id string) *pendingJob {
+	j := q.byID[id]
+	if j == nil {
+		return nil
+	}
+	total := 0
+	for f := range q.jobs {
+		w := q.weight(f)
+		total += w
+		q.credit[f] += w
+	}
+	q.credit[j.Frontend] -= total
+	q.picks++
+	q.served[j.Frontend] = q.picks
+	return q.Remove(id)
+}
+
+// Positions maps every queued job to the number of jobs that start before it.
+func (q *fairQueue) Positions() map[string]int {
+	plan := q.Plan()
+	pos := make(map[string]int, len(plan))
+	for i, j := range plan {
+		pos[j.ID] = i
+	}
+	return pos
+}

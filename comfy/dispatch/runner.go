@@ -1,0 +1,443 @@
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// runner follows one node: it keeps the node's event stream open, turns
+// events into job state, dispatches the jobs the scheduler gives it and
+// reconciles what it may have missed.
+type runner struct {
+	farm   *Farm
+	name   string
+	client *comfy.Client
+	log    *slog.Logger
+	stop   context.CancelFunc
+	done   chan struct{}
+
+	mu          sync.Mutex
+	jobs        map[string]*active // by job id, including cancelled prompts still on the node
+	byPrompt    map[string]*active
+	early       map[string][]comfy.Event // events for prompt ids not bound yet
+	earlyOrder  []string                 // early's keys, oldest first
+	gone        []string                 // prompt ids recently forgotten, newest last
+	reconciling sync.Mutex               // one reconcile at a time
+	current     *active                  // the prompt the node executes now, if known
+	classes     map[string]bool          // nil: not known yet
+	features    *comfy.Features
+	models      []string // models of recent runs, newest last
+	last        uint64
+	seq         uint64
+	jobsDone    int64
+	jobsFail    int64
+}
+
+// active is a job this runner follows.
+type active struct {
+	jobID     string
+	promptID  string
+	frontend  string
+	state     schema.JobState
+	models    []string
+	progress  *schema.Progress
+	lastSign  time.Time // last event or confirmation from the node
+	runSince  time.Time
+	attempt   int    // the job's attempt this entry follows
+	seq       uint64 // dispatch order on this node
+	posting   bool   // inputs being uploaded or /prompt in flight: reconcile leaves it alone
+	finishing bool   // completion under way
+	zombie    bool   // cancelled by us; the prompt may still occupy the node
+}
+
+const maxEarlyPrompts = 64
+
+// jobRef names one attempt of a job; attempt 0 means whichever is current.
+type jobRef struct {
+	id      string
+	attempt int
+}
+
+func (a *active) ref() jobRef { return jobRef{a.jobID, a.attempt} }
+
+// attemptOf is the JobUpdate condition for ref: nil when it names none.
+func attemptOf(ref jobRef) *int {
+	if ref.attempt == 0 {
+		return nil
+	}
+	return &ref.attempt
+}
+
+func (f *Farm) startRunner(ctx context.Context, name string) {
+	n, ok := f.nodes.Node(name)
+	if !ok {
+		return
+	}
+	client, err := comfy.NewClient(n.URL, comfy.WithClientID("comfyfarm-"+name))
+	if err != nil {
+		f.log.Error("node client", "node", name, "err", err)
+		return
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	r := &runner{
+		farm: f, name: name, client: client, stop: cancel, done: make(chan struct{}),
+		log:  f.log.With("node", name),
+		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
+	}
+	f.rmu.Lock()
+	if _, ok := f.runners[name]; ok {
+		f.rmu.Unlock()
+		cancel()
+		return
+	}
+	f.runners[name] = r
+	f.rmu.Unlock()
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		defer close(r.done)
+		r.run(rctx)
+	}()
+}
+
+func (f *Farm) stopRunners() {
+	for _, r := range f.runnerList() {
+		r.stop()
+		<-r.done
+	}
+}
+
+// run keeps the event stream and a reconcile ticker going until ctx ends.
+func (r *runner) run(ctx context.Context) {
+	r.farm.wg.Add(1)
+	go func() {
+		defer r.farm.wg.Done()
+		// Stream reconnects by itself with backoff; it returns only when ctx ends.
+		_ = r.client.Stream(ctx, r.handle)
+	}()
+	r.learn(ctx)
+	t := time.NewTicker(r.farm.cfg.ReconcileEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if !r.classesKnown() {
+				r.learn(ctx)
+			}
+			r.reconcile(ctx, false)
+		}
+	}
+}
+
+// learn reads the node's features and class catalogue, once it answers.
+// The catalogue says which classes the node offers and which are output
+// nodes (custom nodes included).
+func (r *runner) learn(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	feats, err := r.client.Features(cctx)
+	if err != nil {
+		return
+	}
+	info, err := r.client.ObjectInfo(cctx)
+	if err != nil {
+		return
+	}
+	set := make(map[string]bool, len(info))
+	for name, ci := range info {
+		set[name] = ci.OutputNode
+	}
+	r.mu.Lock()
+	r.features, r.classes = feats, set
+	r.mu.Unlock()
+	r.farm.kickScheduler()
+}
+
+func (r *runner) classesKnown() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.classes != nil
+}
+
+// canRun reports whether the node offers every class type; a node whose
+// catalogue is not known yet is given the benefit of the doubt only when it
+// has answered nothing at all, so that validation at the node catches it.
+func (r *runner) canRun(classes []string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.classes == nil {
+		return true
+	}
+	for _, c := range classes {
+		if _, ok := r.classes[c]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// knownClasses returns the node's catalogue, or nil when unknown.
+func (r *runner) knownClasses() map[string]bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.classes
+}
+
+func (r *runner) inflight() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, a := range r.jobs {
+		if a.holdsSlot() {
+			n++
+		}
+	}
+	return n
+}
+
+// holdsSlot reports whether a occupies the node: posted and not yet ended
+// there. A prompt the node has finished frees its slot at once, before its
+// history and outputs are fetched, so the next job can start.
+func (a *active) holdsSlot() bool {
+	if a.zombie {
+		return true
+	}
+	return !a.finishing && (a.state == schema.JobDispatched || a.state == schema.JobRunning)
+}
+
+func (r *runner) modelsLoaded(models []string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, m := range models {
+		if slices.Contains(r.models, m) {
+			n++
+		}
+	}
+	return n
+}
+
+func (r *runner) lastAssigned() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.last
+}
+
+func (r *runner) assigned(seq uint64) {
+	r.mu.Lock()
+	r.last = seq
+	r.mu.Unlock()
+}
+
+func (r *runner) activeIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.jobs))
+	for id, a := range r.jobs {
+		if !a.zombie {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// reserve counts a claimed job against the node before it is posted.
+// posting is true for a job about to be posted, false for one adopted.
+func (r *runner) reserve(job *schema.Job, pj *pendingJob, posting bool) *active {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.seq++
+	a := &active{
+		jobID: job.ID, frontend: job.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: job.Attempts,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: posting,
+	}
+	r.jobs[job.ID] = a
+	return a
+}
+
+// bind ties a prompt id to a job and replays events that came early.
+func (r *runner) bind(jobID, promptID string) {
+	r.mu.Lock()
+	a := r.jobs[jobID]
+	if a == nil {
+		r.mu.Unlock()
+		return
+	}
+	if a.promptID != "" && a.promptID != promptID {
+		delete(r.byPrompt, a.promptID)
+	}
+	a.promptID = promptID
+	r.byPrompt[promptID] = a
+	early := r.early[promptID]
+	delete(r.early, promptID)
+	if i := slices.Index(r.earlyOrder, promptID); i >= 0 {
+		r.earlyOrder = slices.Delete(r.earlyOrder, i, i+1)
+	}
+	r.mu.Unlock()
+	for _, ev := range early {
+		r.handle(ev)
+	}
+}
+
+// forget stops following a job (only that attempt, when ref names one).
+func (r *runner) forget(ref jobRef) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a := r.jobs[ref.id]
+	if a == nil || (ref.attempt != 0 && a.attempt != ref.attempt) {
+		return
+	}
+	delete(r.jobs, ref.id)
+	if a.promptID != "" {
+		delete(r.byPrompt, a.promptID)
+		r.gone = append(r.gone, a.promptID)
+		if len(r.gone) > 256 {
+			r.gone = r.gone[1:]
+		}
+	}
+	if r.current == a {
+		r.current = nil
+	}
+	r.farm.kickScheduler()
+}
+
+// promptFor maps a job attempt to the prompt id we ask the node to use.
+func promptFor(job *schema.Job) string {
+	return fmt.Sprintf("%s-%d", job.ID, job.Attempts)
+}
+
+// dispatch uploads the job's inputs, rewrites its graph and posts it.
+func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
+	f := r.farm
+	start := f.cfg.NowFunc()
+	posted := func() {
+		r.mu.Lock()
+		a.posting = false
+		a.lastSign = f.cfg.NowFunc()
+		r.mu.Unlock()
+	}
+	body, err := r.prepare(ctx, job)
+	if err != nil {
+		posted()
+		r.dispatchFailed(ctx, job, err)
+		return
+	}
+	pid := promptFor(job)
+	r.bind(job.ID, pid)
+	resp, err := r.client.Submit(ctx, comfy.SubmitRequest{Prompt: body, PromptID: pid})
+	if err != nil {
+		posted()
+		r.dispatchFailed(ctx, job, err)
+		return
+	}
+	if resp.PromptID != pid {
+		r.bind(job.ID, resp.PromptID) // an older server chose its own id
+	}
+	posted()
+	pidCopy := resp.PromptID
+	_, err = f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: job.ID, From: activeStates, PromptID: &pidCopy, Attempt: &job.Attempts})
+	cancelled := errors.Is(err, schema.ErrConflict)
+	if cancelled {
+		// The job ended while it was posted; only a cancel does that.
+		cur, gerr := f.store.JobGet(ctx, job.ID)
+		cancelled = gerr == nil && cur.State == schema.JobCancelled
+	} else if err != nil {
+		r.log.Error("record prompt id", "job_id", job.ID, "err", err)
+	}
+	r.mu.Lock()
+	cancelled = cancelled || a.zombie
+	if cancelled {
+		a.zombie = true // the slot stays taken until the node lets go of the prompt
+	}
+	r.mu.Unlock()
+	if cancelled {
+		// Cancelled while it was being posted: take it off the node now.
+		_ = r.client.DeletePending(ctx, resp.PromptID)
+		_ = r.interrupt(ctx, a)
+		return
+	}
+	f.metrics.dispatchSeconds.Observe(f.cfg.NowFunc().Sub(start).Seconds())
+}
+
+// prepare uploads inputs and returns the graph as posted to the node.
+func (r *runner) prepare(ctx context.Context, job *schema.Job) ([]byte, error) {
+	g, err := comfy.ParseGraph(job.Workflow, comfy.GraphLimits{MaxNodes: r.farm.cfg.MaxGraphNodes})
+	if err != nil {
+		return nil, err
+	}
+	if len(job.Inputs) > 0 {
+		names := make(map[string]string, len(job.Inputs))
+		for i, in := range job.Inputs {
+			rc, _, err := r.farm.storage.Get(ctx, in.Key)
+			if err != nil {
+				return nil, fmt.Errorf("read input %q: %w", in.Filename, err)
+			}
+			up, err := r.client.UploadImage(ctx, comfy.UploadRequest{
+				Name: fmt.Sprintf("%s_%d%s", job.ID, i, path.Ext(in.Key)), Body: rc,
+				Subfolder: "comfyfarm", Overwrite: true, Type: "input",
+			})
+			rc.Close()
+			if err != nil {
+				return nil, fmt.Errorf("upload input %q: %w", in.Filename, err)
+			}
+			names[in.Filename] = up.LoadImageValue()
+		}
+		g.RewriteImages(names)
+	}
+	g.SetFilenamePrefix("comfyfarm/" + job.ID)
+	return g.Marshal()
+}
+
+// dispatchFailed decides between failing a job (the node refused the
+// workflow: retrying cannot help) and requeueing it (the node was unreachable).
+func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error) {
+	var verr *comfy.ValidationError
+	var aerr *comfy.APIError
+	var gerr *comfy.GraphError
+	switch {
+	case errors.As(err, &verr):
+		jerr := &schema.JobError{Code: schema.CodeValidationFailed, Message: verr.Error(), Details: validationDetails(verr)}
+		for id, ne := range verr.NodeErrors {
+			if len(verr.NodeErrors) == 1 {
+				jerr.NodeID, jerr.NodeType = id, ne.ClassType // the one node the server named
+			}
+		}
+		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, jerr)
+	case errors.As(err, &gerr):
+		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: gerr.Error(), NodeID: gerr.NodeID})
+	case errors.Is(err, comfy.ErrTooLarge):
+		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: "the node refused the workflow as too large"})
+	case errors.As(err, &aerr) && aerr.Status >= 400 && aerr.Status < 500 && aerr.Status != 403 && aerr.Status != 404:
+		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: aerr.Error()})
+	default:
+		if ctx.Err() != nil {
+			return // shutting down: the job keeps its lease and is adopted at the next start
+		}
+		r.log.Warn("dispatch failed, requeueing", "job_id", job.ID, "err", err)
+		r.farm.requeue(ctx, r, jobRef{job.ID, job.Attempts}, err.Error())
+	}
+}
+
+func validationDetails(v *comfy.ValidationError) map[string]any {
+	d := map[string]any{}
+	for id, ne := range v.NodeErrors {
+		items := make([]map[string]any, 0, len(ne.Errors))
+		for _, it := range ne.Errors {
+			items = append(items, map[string]any{"type": it.Type, "message": it.Message, "details": it.Details})
+		}
+		d[id] = map[string]any{"class_type": ne.ClassType, "errors": items}
+	}
+	return map[string]any{"node_errors": d}
+}

@@ -1,0 +1,524 @@
+package dispatch
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
+	"strings"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/oklog/ulid/v2"
+
+	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/oss"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// pendingFromJob reads what the scheduler needs from a stored job.
+func pendingFromJob(j *schema.Job, maxNodes int) (*pendingJob, error) {
+	g, err := comfy.ParseGraph(j.Workflow, comfy.GraphLimits{MaxNodes: maxNodes})
+	if err != nil {
+		return nil, err
+	}
+	return &pendingJob{
+		ID: j.ID, Frontend: j.Frontend, Priority: j.Priority, Created: j.CreatedAt,
+		Classes: g.ClassTypes(), Models: g.Models(),
+	}, nil
+}
+
+// Submit validates and queues a job (DESIGN §3 steps 1–2).
+func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, error) {
+	ctrl, err := f.frontends.Get(p.Frontend)
+	if err != nil {
+		return nil, err
+	}
+	if p.UserID == "" || len(p.UserID) > 128 {
+		return nil, schema.Invalid("user_id", "must be 1 to 128 characters")
+	}
+	if p.Priority < schema.MinPriority || p.Priority > schema.MaxPriority {
+		return nil, schema.Invalid("priority", "must be between %d and %d", schema.MinPriority, schema.MaxPriority)
+	}
+	meta, err := checkMetadata(p.Metadata)
+	if err != nil {
+		return nil, err
+	}
+	if len(p.Workflow) == 0 {
+		return nil, schema.Invalid("workflow", "is required")
+	}
+	g, err := comfy.ParseGraph(p.Workflow, comfy.GraphLimits{MaxNodes: f.cfg.MaxGraphNodes})
+	if err != nil {
+		var ge *comfy.GraphError
+		if errors.As(err, &ge) {
+			field := "workflow"
+			if ge.NodeID != "" {
+				field = "workflow." + ge.NodeID
+				if ge.Field != "" {
+					field += "." + ge.Field
+				}
+			}
+			return nil, schema.Invalid(field, "%s", ge.Reason)
+		}
+		return nil, schema.Invalid("workflow", "%v", err)
+	}
+	if len(g.OutputNodes(f.isOutputClass)) == 0 {
+		return nil, schema.Invalid("workflow", "has no output node (SaveImage or similar)")
+	}
+	if missing := f.unknownClasses(g.ClassTypes()); len(missing) > 0 {
+		return nil, fmt.Errorf("%w: no node offers %s", schema.ErrNoNode, strings.Join(missing, ", "))
+	}
+	if p.IdempotencyKey != "" {
+		if len(p.IdempotencyKey) > 128 {
+			return nil, schema.Invalid("Idempotency-Key", "must be at most 128 characters")
+		}
+		if prev, err := f.store.JobByIdempotencyKey(ctx, p.Frontend, p.IdempotencyKey); err == nil {
+			return f.replay(ctx, prev, p)
+		}
+	}
+
+	id := ulid.Make().String()
+	now := f.cfg.NowFunc().UTC()
+	job := &schema.Job{
+		ID: id, Frontend: p.Frontend, UserID: p.UserID, State: schema.JobQueued, Priority: p.Priority,
+		Workflow: p.Workflow, Metadata: meta, IdempotencyKey: p.IdempotencyKey, CreatedAt: now, UpdatedAt: now,
+	}
+	if err := f.storeInputs(ctx, job, g, p.Inputs); err != nil {
+		return nil, err
+	}
+	cost := ctrl.CostPerJob()
+	err = dbcontrollers.InTx(ctx, ctrl.DB(), func(tx *sqlx.Tx) error {
+		if _, err := ctrl.UserEnsure(ctx, tx, p.UserID); err != nil {
+			return err
+		}
+		if cost <= 0 {
+			return nil
+		}
+		_, err := ctrl.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
+			UserID: p.UserID, Delta: -cost, Reason: "job " + id, IdempotencyKey: "job:" + id + ":charge",
+		})
+		return err
+	})
+	if err != nil {
+		f.dropInputs(job)
+		return nil, err
+	}
+	if cost > 0 {
+		job.Charged = cost
+	}
+	if err := f.store.JobInsert(ctx, job); err != nil {
+		f.refund(ctx, job)
+		f.dropInputs(job)
+		if errors.Is(err, schema.ErrConflict) && p.IdempotencyKey != "" {
+			// A concurrent submit with the same key won.
+			if prev, err2 := f.store.JobByIdempotencyKey(ctx, p.Frontend, p.IdempotencyKey); err2 == nil {
+				return f.replay(ctx, prev, p)
+			}
+		}
+		return nil, err
+	}
+	f.metrics.submitted.WithLabelValues(p.Frontend).Inc()
+	f.mu.Lock()
+	f.queue.Push(&pendingJob{ID: id, Frontend: p.Frontend, Priority: p.Priority, Created: now, Classes: g.ClassTypes(), Models: g.Models()})
+	f.publishPositionsLocked()
+	f.mu.Unlock()
+	f.kickScheduler()
+	return f.view(ctx, job), nil
+}
+
+// isOutputClass reports whether a class is an output node: by the core
+// list, or by the catalogue of any node that offers it (custom nodes).
+func (f *Farm) isOutputClass(class string) bool {
+	if comfy.DefaultOutputClasses[class] {
+		return true
+	}
+	for _, r := range f.runnerList() {
+		if r.knownClasses()[class] {
+			return true
+		}
+	}
+	return false
+}
+
+// unknownClasses lists class types that no node with a known catalogue
+// offers. When no catalogue is known yet nothing is refused.
+func (f *Farm) unknownClasses(classes []string) []string {
+	var cats []map[string]bool
+	for _, r := range f.runnerList() {
+		if c := r.knownClasses(); c != nil {
+			cats = append(cats, c)
+		}
+	}
+	if len(cats) == 0 {
+		return nil
+	}
+	var missing []string
+	for _, c := range classes {
+		found := false
+		for _, cat := range cats {
+			if _, ok := cat[c]; ok {
+				found = true
+				break
+			}
+		}
+		if !found {
+			missing = append(missing, c)
+		}
+	}
+	return missing
+}
+
+// replay answers a submit whose Idempotency-Key names an earlier job: that
+// job, when the request is the same; a conflict when the key was used for
+// another request.
+func (f *Farm) replay(ctx context.Context, prev *schema.Job, p schema.SubmitParams) (*schema.Job, error) {
+	if prev.UserID != p.UserID || prev.Priority != p.Priority || !sameJSON(prev.Workflow, p.Workflow) {
+		return nil, fmt.Errorf("%w: Idempotency-Key %q was used for another request (job %s)", schema.ErrConflict, p.IdempotencyKey, prev.ID)
+	}
+	return f.view(ctx, prev), nil
+}
+
+func sameJSON(a, b json.RawMessage) bool {
+	if bytes.Equal(a, b) {
+		return true
+	}
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal(b, &y) != nil {
+		return false
+	}
+	return reflect.DeepEqual(x, y)
+}
+
+func checkMetadata(m json.RawMessage) (json.RawMessage, error) {
+	m = bytes.TrimSpace(m)
+	if len(m) == 0 || string(m) == "null" {
+		return json.RawMessage("{}"), nil
+	}
+	if len(m) > schema.MaxMetadataBytes {
+		return nil, fmt.Errorf("%w: metadata is larger than %d bytes", schema.ErrTooLarge, schema.MaxMetadataBytes)
+	}
+	var obj map[string]any
+	if err := json.Unmarshal(m, &obj); err != nil {
+		return nil, schema.Invalid("metadata", "must be a JSON object")
+	}
+	return m, nil
+}
+
+// storeInputs checks each uploaded image by its bytes (type, size, pixel
+// count from the header, before any decoding) and keeps it in storage until
+// dispatch uploads it to the chosen node.
+func (f *Farm) storeInputs(ctx context.Context, job *schema.Job, g *comfy.Graph, files []schema.InputFile) error {
+	if len(files) == 0 {
+		return nil
+	}
+	if len(files) > 16 {
+		return schema.Invalid("images", "at most 16 files")
+	}
+	seen := map[string]bool{}
+	for i, file := range files {
+		name := safeBase(file.Filename)
+		if name == "" || seen[name] {
+			return schema.Invalid("images", "file %d needs a unique file name", i)
+		}
+		seen[name] = true
+		if file.Size > f.cfg.MaxInputBytes {
+			return fmt.Errorf("%w: image %q is larger than %d bytes", schema.ErrTooLarge, name, f.cfg.MaxInputBytes)
+		}
+		rc, err := file.Open()
+		if err != nil {
+			return err
+		}
+		data, err := io.ReadAll(io.LimitReader(rc, f.cfg.MaxInputBytes+1))
+		rc.Close()
+		if err != nil {
+			return err
+		}
+		meta, err := oss.CheckInputImage(bytes.NewReader(data), f.cfg.MaxInputBytes, f.cfg.MaxImagePixels)
+		if err != nil {
+			f.dropInputs(job)
+			return fmt.Errorf("image %q: %w", name, err)
+		}
+		sum := sha256Hex(data)
+		key := fmt.Sprintf("%s/inputs/%s/%d.%s", job.Frontend, job.ID, i, meta.Ext)
+		if err := f.storage.Put(ctx, key, bytes.NewReader(data), int64(len(data)), meta.ContentType); err != nil {
+			f.dropInputs(job)
+			return fmt.Errorf("store input: %w", err)
+		}
+		job.Inputs = append(job.Inputs, schema.JobInput{
+			Field: "images", Filename: name, Key: key, ContentType: meta.ContentType,
+			Bytes: int64(len(data)), Width: meta.Width, Height: meta.Height, SHA256: sum,
+		})
+	}
+	return nil
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+func (f *Farm) dropInputs(job *schema.Job) {
+	for _, in := range job.Inputs {
+		_ = f.storage.Delete(context.Background(), in.Key)
+	}
+}
+
+// view fills the computed parts of a job: position and live progress.
+// Output URLs are built by the server when it answers (signed URLs expire).
+func (f *Farm) view(ctx context.Context, j *schema.Job) *schema.Job {
+	v := *j
+	v.Position = 0
+	switch v.State {
+	case schema.JobQueued:
+		if p, ok := f.position(v.ID); ok {
+			v.Position = p
+		}
+	case schema.JobDispatched, schema.JobRunning:
+		if r := f.runner(v.Node); r != nil {
+			r.mu.Lock()
+			if a := r.jobs[v.ID]; a != nil && a.progress != nil {
+				p := *a.progress
+				v.Progress = &p
+			}
+			r.mu.Unlock()
+			if v.State == schema.JobDispatched {
+				v.Position = r.aheadOf(v.ID)
+			}
+		}
+	}
+	if v.Outputs == nil {
+		v.Outputs = []schema.Output{}
+	}
+	return &v
+}
+
+// aheadOf is a dispatched job's place in its node's queue: the jobs posted
+// to the node before it that have not finished.
+func (r *runner) aheadOf(jobID string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	me := r.jobs[jobID]
+	if me == nil {
+		return 0
+	}
+	ahead := 0
+	for _, a := range r.jobs {
+		if a == me {
+			continue
+		}
+		if a.zombie || a.state == schema.JobRunning || (a.state == schema.JobDispatched && a.seq < me.seq) {
+			ahead++
+		}
+	}
+	return ahead
+}
+
+// Job returns one job of a frontend.
+func (f *Farm) Job(ctx context.Context, frontend, id string) (*schema.Job, error) {
+	j, err := f.store.JobGet(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if j.Frontend != frontend {
+		return nil, schema.ErrNotFound
+	}
+	return f.view(ctx, j), nil
+}
+
+// Jobs lists a frontend's jobs, newest first.
+func (f *Farm) Jobs(ctx context.Context, flt schema.JobFilter) ([]schema.Job, error) {
+	if flt.State != "" && !flt.State.Valid() {
+		return nil, schema.Invalid("state", "unknown state %q", flt.State)
+	}
+	if flt.Limit <= 0 {
+		flt.Limit = 50
+	}
+	if flt.Limit > 500 {
+		flt.Limit = 500
+	}
+	jobs, err := f.store.JobList(ctx, flt)
+	if err != nil {
+		return nil, err
+	}
+	for i := range jobs {
+		jobs[i] = *f.view(ctx, &jobs[i])
+	}
+	return jobs, nil
+}
+
+// QueueStatus answers "is my job running, and if not, how many are ahead".
+func (f *Farm) QueueStatus(ctx context.Context, frontend, id string) (*schema.QueueStatus, error) {
+	j, err := f.Job(ctx, frontend, id)
+	if err != nil {
+		return nil, err
+	}
+	return &schema.QueueStatus{
+		JobID: j.ID, State: j.State, Running: j.State == schema.JobRunning,
+		Ahead: j.Position, Progress: j.Progress,
+	}, nil
+}
+
+// Subscribe follows a job's events: a snapshot first, then live events.
+func (f *Farm) Subscribe(ctx context.Context, jobID string, after int64, previews bool) (<-chan schema.Event, func(), error) {
+	// Read once outside the hub lock to fail fast on unknown jobs.
+	if _, err := f.store.JobGet(ctx, jobID); err != nil {
+		return nil, nil, err
+	}
+	return f.hub.Subscribe(jobID, after, previews, func() (*schema.Job, error) {
+		j, err := f.store.JobGet(ctx, jobID)
+		if err != nil {
+			return nil, err
+		}
+		return f.view(ctx, j), nil
+	})
+}
+
+// Cancel stops a job in any state: removed from the queue, deleted from the
+// node's queue, or interrupted by prompt id. A finished job gives
+// schema.ErrTerminal; a job copying its outputs cannot be cancelled.
+func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, error) {
+	j, err := f.store.JobGet(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if j.Frontend != frontend {
+		return nil, schema.ErrNotFound
+	}
+	if j.State.Terminal() {
+		return nil, schema.ErrTerminal
+	}
+	if j.State == schema.JobStoring {
+		return nil, fmt.Errorf("%w: the job is storing its outputs", schema.ErrConflict)
+	}
+	if j.State == schema.JobQueued {
+		f.mu.Lock()
+		pj := f.queue.Remove(id)
+		f.mu.Unlock()
+		done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+			ID: id, From: []schema.JobState{schema.JobQueued}, State: schema.JobCancelled, FinishedAt: ptr(f.cfg.NowFunc().UTC()),
+		})
+		if err != nil {
+			if errors.Is(err, schema.ErrConflict) {
+				// Claimed between our read and the update: cancel it where it went.
+				return f.Cancel(ctx, frontend, id)
+			}
+			if pj != nil {
+				f.mu.Lock()
+				f.queue.Push(pj) // still queued in the database: keep scheduling it
+				f.mu.Unlock()
+			}
+			return nil, err
+		}
+		return f.cancelled(ctx, done), nil
+	}
+
+	// Dispatched or running: take it off the node.
+	r := f.runner(j.Node)
+	var a *active
+	wasZombie := false
+	if r != nil {
+		r.mu.Lock()
+		a = r.jobs[id]
+		if a != nil {
+			wasZombie, a.zombie = a.zombie, true
+		}
+		r.mu.Unlock()
+	}
+	done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		ID: id, From: []schema.JobState{schema.JobDispatched, schema.JobRunning}, State: schema.JobCancelled,
+		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true, CancelRequested: ptr(true),
+	})
+	if err != nil {
+		if r != nil && a != nil {
+			r.mu.Lock()
+			a.zombie = wasZombie
+			r.mu.Unlock()
+		}
+		if errors.Is(err, schema.ErrConflict) {
+			return f.Cancel(ctx, frontend, id) // it moved on: look again
+		}
+		return nil, err
+	}
+	if r != nil && a != nil {
+		r.mu.Lock()
+		pid := a.promptID
+		r.mu.Unlock()
+		if pid != "" {
+			_ = r.client.DeletePending(ctx, pid)
+			if err := r.interrupt(ctx, a); err != nil {
+				r.log.Warn("interrupt cancelled job", "job_id", id, "err", err)
+			}
+		}
+		// The node slot stays taken until the node says the prompt ended;
+		// reconcile forgets it if it was only pending.
+		r.mu.Lock()
+		a.lastSign = f.cfg.NowFunc().Add(-f.cfg.ReconcileEvery)
+		r.mu.Unlock()
+	}
+	return f.cancelled(ctx, done), nil
+}
+
+func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
+	f.metrics.finished.WithLabelValues(j.Frontend, string(schema.JobCancelled)).Inc()
+	f.refund(ctx, j)
+	f.hub.Publish(j.ID, schema.Event{Type: schema.EventCancelled})
+	f.mu.Lock()
+	f.publishPositionsLocked()
+	f.mu.Unlock()
+	f.kickScheduler()
+	return f.view(ctx, j)
+}
+
+// Nodes lists node views.
+func (f *Farm) Nodes(ctx context.Context) ([]schema.NodeView, error) { return f.nodes.List(), nil }
+
+// NodeAdd registers a node; the farm starts following it.
+func (f *Farm) NodeAdd(ctx context.Context, n schema.Node) (*schema.NodeView, error) {
+	v, err := f.nodes.Add(ctx, n)
+	if err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// NodeRemove unregisters a node; its jobs are requeued.
+func (f *Farm) NodeRemove(ctx context.Context, name string) error { return f.nodes.Remove(ctx, name) }
+
+// NodeDrain sets or clears a node's drain flag.
+func (f *Farm) NodeDrain(ctx context.Context, name string, drain bool) (*schema.NodeView, error) {
+	v, err := f.nodes.SetDrain(ctx, name, drain)
+	if err != nil {
+		return nil, err
+	}
+	f.kickScheduler()
+	return &v, nil
+}
+
+// NodeProbe probes a node now.
+func (f *Farm) NodeProbe(ctx context.Context, name string) (*schema.NodeView, error) {
+	v, err := f.nodes.ProbeNow(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	f.kickScheduler()
+	return &v, nil
+}
+
+// ProbeURL probes an unregistered host and port.
+func (f *Farm) ProbeURL(ctx context.Context, rawURL string) (*schema.ProbeResult, error) {
+	res, err := f.nodes.ProbeURL(ctx, rawURL)
+	if err != nil {
+		return nil, err
+	}
+	return &res, nil
+}
+
+// JobCounts counts jobs per state, for the dashboard.
+func (f *Farm) JobCounts(ctx context.Context) (map[schema.JobState]int, error) {
+	return f.store.JobCounts(ctx)
+}

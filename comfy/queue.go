@@ -1,0 +1,152 @@
+package comfy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sort"
+)
+
+// Queue is GET /queue: the running prompt (0 or 1 item) and the pending ones, in the server's
+// raw heap order (not sorted; use Position).
+type Queue struct {
+	Running []QueueItem
+	Pending []QueueItem
+}
+
+// QueueItem is one queued prompt. The wire form is [number, prompt_id, prompt, extra_data,
+// outputs_to_execute]; the graph itself is not kept.
+type QueueItem struct {
+	// Number is the priority (lower runs sooner); an int on the wire unless client-supplied.
+	Number   float64
+	PromptID string
+	// ClientID is extra_data.client_id (empty when the prompt was posted without one).
+	ClientID string
+	// CreateTime is extra_data.create_time in ms (servers >= 0.3.69), or 0.
+	CreateTime int64
+	// OutputNodes are the output node ids the server will execute.
+	OutputNodes []string
+}
+
+// UnmarshalJSON decodes the 5-element wire array; extra elements are ignored.
+func (it *QueueItem) UnmarshalJSON(b []byte) error {
+	var arr []json.RawMessage
+	if err := json.Unmarshal(b, &arr); err != nil {
+		return fmt.Errorf("queue item: %w", err)
+	}
+	v, err := decodeQueueTuple(arr)
+	if err != nil {
+		return err
+	}
+	*it = v
+	return nil
+}
+
+// decodeQueueTuple decodes [number, prompt_id, prompt, extra_data, outputs_to_execute].
+func decodeQueueTuple(arr []json.RawMessage) (QueueItem, error) {
+	var it QueueItem
+	if len(arr) < 2 {
+		return it, fmt.Errorf("queue item: %d elements, want at least 2", len(arr))
+	}
+	var num json.Number
+	if err := json.Unmarshal(arr[0], &num); err != nil {
+		return it, fmt.Errorf("queue item number: %w", err)
+	}
+	n, err := num.Float64()
+	if err != nil {
+		return it, fmt.Errorf("queue item number: %w", err)
+	}
+	it.Number = n
+	if err := json.Unmarshal(arr[1], &it.PromptID); err != nil {
+		return it, fmt.Errorf("queue item prompt_id: %w", err)
+	}
+	if len(arr) > 3 {
+		var extra struct {
+			ClientID   *string     `json:"client_id"`
+			CreateTime json.Number `json:"create_time"`
+		}
+		if json.Unmarshal(arr[3], &extra) == nil {
+			if extra.ClientID != nil {
+				it.ClientID = *extra.ClientID
+			}
+			if f, err := extra.CreateTime.Float64(); err == nil {
+				it.CreateTime = int64(f)
+			}
+		}
+	}
+	if len(arr) > 4 {
+		_ = json.Unmarshal(arr[4], &it.OutputNodes) // informative only
+	}
+	return it, nil
+}
+
+// UnmarshalJSON decodes {"queue_running": [...], "queue_pending": [...]}.
+func (q *Queue) UnmarshalJSON(b []byte) error {
+	var w struct {
+		Running []QueueItem `json:"queue_running"`
+		Pending []QueueItem `json:"queue_pending"`
+	}
+	if err := json.Unmarshal(b, &w); err != nil {
+		return err
+	}
+	q.Running, q.Pending = w.Running, w.Pending
+	return nil
+}
+
+// Queue fetches GET /queue. Items carry full graphs on the wire: poll sparingly.
+func (c *Client) Queue(ctx context.Context) (*Queue, error) {
+	var q Queue
+	if err := c.doJSON(ctx, request{method: http.MethodGet, path: "/queue"}, &q); err != nil {
+		return nil, err
+	}
+	return &q, nil
+}
+
+// Position reports where promptID is: running (ahead 0), or pending with ahead = the number of
+// prompts that run before it. The server's pending list is a raw heap; the run order is
+// (number, prompt_id) ascending, and a running prompt counts as one more ahead.
+func (q *Queue) Position(promptID string) (ahead int, running bool, found bool) {
+	for _, it := range q.Running {
+		if it.PromptID == promptID {
+			return 0, true, true
+		}
+	}
+	idx := -1
+	for i, it := range q.Pending {
+		if it.PromptID == promptID {
+			idx = i
+			break
+		}
+	}
+	if idx < 0 {
+		return 0, false, false
+	}
+	me := q.Pending[idx]
+	for i, it := range q.Pending {
+		if i != idx && itemBefore(it, me) {
+			ahead++
+		}
+	}
+	return ahead + len(q.Running), false, true
+}
+
+// Ordered returns the pending items in run order.
+func (q *Queue) Ordered() []QueueItem {
+	out := append([]QueueItem(nil), q.Pending...)
+	sort.SliceStable(out, func(i, j int) bool { return itemBefore(out[i], out[j]) })
+	return out
+}
+
+// Has reports whether promptID is running or pending.
+func (q *Queue) Has(promptID string) bool {
+	_, _, found := q.Position(promptID)
+	return found
+}
+
+func itemBefore(a, b QueueItem) bool {
+	if a.Number != b.Number {
+		return a.Number < b.Number
+	}
+	return a.PromptID < b.PromptID
+}

@@ -1,0 +1,107 @@
+package server
+
+import (
+	"errors"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/adaptor"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// httpMetrics are the server's Prometheus collectors. Requests are labelled
+// by route pattern (never the raw path, which would grow without bound).
+type httpMetrics struct {
+	registry *prometheus.Registry
+	requests *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	streams  *prometheus.GaugeVec
+}
+
+func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
+	m := &httpMetrics{
+		registry: reg,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "comfyfarm_http_requests_total",
+			Help: "HTTP requests by method, route pattern and status.",
+		}, []string{"method", "route", "status"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "comfyfarm_http_request_duration_seconds",
+			Help:    "HTTP request latency by method, route pattern and status (event streams: until the response starts).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"method", "route", "status"}),
+		streams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "comfyfarm_event_streams",
+			Help: "Open job event streams by kind (websocket, sse).",
+		}, []string{"kind"}),
+	}
+	for _, kind := range []string{"sse", "websocket"} {
+		m.streams.WithLabelValues(kind) // export 0 before the first stream
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.streams} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}
+
+func (s *Server) metricsHandler() fiber.Handler {
+	return adaptor.HTTPHandler(promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+}
+
+// observe wraps every request: it runs the handlers, turns an error into its
+// response through the ErrorHandler (so what is logged and counted is what
+// the client got), then writes the access log and the metrics.
+func (s *Server) observe(c *fiber.Ctx) error {
+	start := time.Now()
+	if err := c.Next(); err != nil {
+		if herr := s.handleError(c, err); herr != nil {
+			return herr
+		}
+	}
+	status := c.Response().StatusCode()
+	route := c.Route().Path // the pattern, not the path
+	if c.Locals(localUnmatched) != nil {
+		route = "unmatched"
+	}
+	elapsed := time.Since(start)
+	code := strconv.Itoa(status)
+	method := c.Method()
+	s.metrics.requests.WithLabelValues(method, route, code).Inc()
+	s.metrics.duration.WithLabelValues(method, route, code).Observe(elapsed.Seconds())
+
+	level := slog.LevelInfo
+	switch route {
+	case "/healthz", "/readyz", "/metrics":
+		level = slog.LevelDebug
+	}
+	if s.log.Enabled(c.UserContext(), level) {
+		rid, _ := c.Locals("requestid").(string)
+		s.log.Log(c.UserContext(), level, "http",
+			"method", method,
+			"route", route,
+			"path", c.Path(),
+			"status", status,
+			"duration_ms", float64(elapsed.Microseconds())/1000,
+			"bytes", responseBytes(c),
+			"ip", c.IP(),
+			"request_id", rid,
+		)
+	}
+	return nil
+}
+
+// responseBytes is the body size, -1 for a stream (whose Body() would drain it).
+func responseBytes(c *fiber.Ctx) int {
+	if c.Response().IsBodyStream() {
+		return -1
+	}
+	return len(c.Response().Body())
+}

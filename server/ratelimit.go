@@ -1,0 +1,145 @@
+package server
+
+import (
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"golang.org/x/time/rate"
+)
+
+// limitKind names what a bucket counts.
+type limitKind uint8
+
+const (
+	limitRequests limitKind = iota // every keyed request (Config.RatePerMinute)
+	limitSubmits                   // POST /jobs (Config.SubmitPerMinute)
+	limitKinds
+)
+
+func (k limitKind) String() string {
+	if k == limitSubmits {
+		return "job submissions"
+	}
+	return "requests"
+}
+
+// bucketIdle is how long a bucket may go unused before it is dropped. A
+// bucket of N per minute refills completely within one minute, so a bucket
+// idle this long is full, and dropping it (a new one starts full) changes
+// nothing a client can observe.
+const bucketIdle = 10 * time.Minute
+
+type bucketKey struct {
+	key  int // the API key's index in the keyring
+	kind limitKind
+}
+
+type bucket struct {
+	lim  *rate.Limiter
+	last time.Time // last use, for eviction
+}
+
+// limiter holds one token bucket per API key and kind. A kind allows N
+// requests per minute with a burst of N: a key may spend a minute's worth at
+// once, then one more every 60/N seconds. Buckets unused for idle are swept
+// lazily, at most once per idle, while serving; only authenticated keys get a
+// bucket, so the map holds at most two buckets per configured key.
+type limiter struct {
+	perMinute [limitKinds]int // 0: that kind is not limited
+	idle      time.Duration
+
+	mu        sync.Mutex
+	buckets   map[bucketKey]*bucket
+	nextSweep time.Time
+}
+
+func newLimiter(requestsPerMinute, submitsPerMinute int, idle time.Duration) *limiter {
+	l := &limiter{idle: idle, buckets: map[bucketKey]*bucket{}}
+	l.perMinute[limitRequests] = requestsPerMinute
+	l.perMinute[limitSubmits] = submitsPerMinute
+	return l
+}
+
+// allow takes one token from the bucket of key and kind at now. When there is
+// none it takes nothing and returns false with the wait until one is there.
+func (l *limiter) allow(key int, kind limitKind, now time.Time) (bool, time.Duration) {
+	n := l.perMinute[kind]
+	if n <= 0 {
+		return true, 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.sweep(now)
+	k := bucketKey{key: key, kind: kind}
+	b := l.buckets[k]
+	if b == nil {
+		b = &bucket{lim: rate.NewLimiter(rate.Limit(float64(n)/60), n)}
+		l.buckets[k] = b
+	}
+	if now.After(b.last) {
+		b.last = now
+	}
+	r := b.lim.ReserveN(now, 1)
+	if !r.OK() { // cannot happen with a burst of at least 1
+		return false, time.Minute
+	}
+	if wait := r.DelayFrom(now); wait > 0 {
+		r.CancelAt(now)
+		return false, wait
+	}
+	return true, 0
+}
+
+// sweep drops the buckets unused for l.idle, at most once per l.idle.
+// l.mu is held.
+func (l *limiter) sweep(now time.Time) {
+	if now.Before(l.nextSweep) {
+		return
+	}
+	l.nextSweep = now.Add(l.idle)
+	for k, b := range l.buckets {
+		if now.Sub(b.last) >= l.idle {
+			delete(l.buckets, k)
+		}
+	}
+}
+
+// size is the number of buckets held.
+func (l *limiter) size() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.buckets)
+}
+
+// limit spends one token of who's bucket of kind, or answers 429 rate_limited
+// with Retry-After. The admin key is never limited.
+func (s *Server) limit(c *fiber.Ctx, who principal, kind limitKind) error {
+	if who.admin {
+		return nil
+	}
+	ok, wait := s.limiter.allow(who.key, kind, s.cfg.NowFunc())
+	if ok {
+		return nil
+	}
+	secs := int(math.Ceil(wait.Seconds()))
+	if secs < 1 {
+		secs = 1
+	}
+	c.Set(fiber.HeaderRetryAfter, strconv.Itoa(secs))
+	return newAPIError(http.StatusTooManyRequests, "rate_limited",
+		fmt.Sprintf("rate limit exceeded: this key may make %d %s per minute", s.limiter.perMinute[kind], kind)).
+		with("retry_after_seconds", secs)
+}
+
+// limitSubmit follows authenticate on POST /jobs: the key's submit limit.
+func (s *Server) limitSubmit(c *fiber.Ctx) error {
+	if err := s.limit(c, principalOf(c), limitSubmits); err != nil {
+		return err
+	}
+	return c.Next()
+}

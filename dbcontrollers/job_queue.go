@@ -392,9 +392,14 @@ func (s *Store) JobRescue(ctx context.Context, now time.Time, maxAttempts int) (
 }
 
 func (s *Store) rescueBatch(ctx context.Context, now time.Time, maxAttempts int) (requeued, failed []schema.Job, n int, err error) {
+	// A plain FOR UPDATE, not SKIP LOCKED: MariaDB's SKIP LOCKED can pass over
+	// a row that a concurrent rescuer locked only while scanning, so in one
+	// round nobody would rescue it. Waiting is cheap here (rescue rounds are
+	// short and rare), and after the wait the row is read again and left out
+	// once another rescuer has moved it.
 	lock := ""
 	if s.mysql() {
-		lock = " FOR UPDATE SKIP LOCKED"
+		lock = " FOR UPDATE"
 	}
 	expired := "state IN (?) AND lease_expires_at IS NOT NULL AND lease_expires_at < ?"
 	stamp := s.now()

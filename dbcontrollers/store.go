@@ -202,21 +202,29 @@ func (s *Store) JobListByState(ctx context.Context, states ...schema.JobState) (
 	return jobsOf(rows)
 }
 
-// JobCounts counts jobs per state; every state is present.
-func (s *Store) JobCounts(ctx context.Context) (map[schema.JobState]int, error) {
+// JobCounts counts jobs by frontend and state. Every frontend that has jobs
+// is present, with every state.
+func (s *Store) JobCounts(ctx context.Context) (map[string]map[schema.JobState]int, error) {
 	var rows []struct {
-		State string `db:"state"`
-		N     int    `db:"n"`
+		Frontend string `db:"frontend"`
+		State    string `db:"state"`
+		N        int    `db:"n"`
 	}
-	if err := sqlx.SelectContext(ctx, s.db, &rows, "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"); err != nil {
+	if err := sqlx.SelectContext(ctx, s.db, &rows,
+		"SELECT frontend, state, COUNT(*) AS n FROM jobs GROUP BY frontend, state"); err != nil {
 		return nil, fmt.Errorf("count jobs: %w", interpretError(err))
 	}
-	out := make(map[schema.JobState]int, len(schema.JobStates))
-	for _, st := range schema.JobStates {
-		out[st] = 0
-	}
+	out := map[string]map[schema.JobState]int{}
 	for _, r := range rows {
-		out[schema.JobState(r.State)] = r.N
+		counts := out[r.Frontend]
+		if counts == nil {
+			counts = make(map[schema.JobState]int, len(schema.JobStates))
+			for _, st := range schema.JobStates {
+				counts[st] = 0
+			}
+			out[r.Frontend] = counts
+		}
+		counts[schema.JobState(r.State)] = r.N
 	}
 	return out, nil
 }

@@ -30,7 +30,7 @@ func (s *Server) dashboard(c *fiber.Ctx) error {
 // dashboardView is GET /api/v1/dashboard (admin).
 type dashboardView struct {
 	Nodes []schema.NodeView `json:"nodes"`
-	// Jobs maps a frontend (or "all", when the JobService counts) to counts by state.
+	// Jobs maps each configured frontend to its job counts by state.
 	Jobs map[string]map[schema.JobState]int `json:"jobs"`
 	// Capped is true when counts come from a bounded scan and at least one
 	// reached the bound (the true count is at least that).
@@ -59,7 +59,17 @@ func (s *Server) dashboardData(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
-		view.Jobs["all"] = counts
+		// Every configured frontend has a row, with or without jobs; jobs of a
+		// frontend no longer configured keep theirs.
+		for _, fe := range s.deps.Frontends.Names() {
+			if counts[fe] == nil {
+				counts[fe] = map[schema.JobState]int{}
+				for _, st := range schema.JobStates {
+					counts[fe][st] = 0
+				}
+			}
+		}
+		view.Jobs = counts
 		return c.JSON(view)
 	}
 	for _, fe := range s.deps.Frontends.Names() {

@@ -106,13 +106,17 @@ func TestDashboard(t *testing.T) {
 	expect(t, r, 200)
 	var v2 dashboardView
 	b2.decode(r, &v2)
-	if v2.Jobs["all"][schema.JobSucceeded] != 42 || len(v2.Jobs) != 1 {
+	if v2.Jobs["style"][schema.JobSucceeded] != 42 || v2.Jobs["retired"][schema.JobFailed] != 1 ||
+		v2.Jobs["logo"] == nil || v2.Jobs["logo"][schema.JobQueued] != 0 || len(v2.Jobs["logo"]) != len(schema.JobStates) {
 		t.Fatalf("counts: %s", r.body)
 	}
 }
 
 type countingJobs struct{ *fakeJobs }
 
-func (countingJobs) JobCounts(context.Context) (map[schema.JobState]int, error) {
-	return map[schema.JobState]int{schema.JobSucceeded: 42}, nil
+func (countingJobs) JobCounts(context.Context) (map[string]map[schema.JobState]int, error) {
+	return map[string]map[schema.JobState]int{
+		"style":   {schema.JobSucceeded: 42},
+		"retired": {schema.JobFailed: 1}, // a frontend no longer configured
+	}, nil
 }

@@ -54,10 +54,10 @@ type NodeService interface {
 }
 
 // JobCounter is optionally implemented by a JobService to give the dashboard
-// exact job counts by state, over every frontend. Without it the dashboard
-// counts each frontend's unfinished jobs through Jobs.
+// exact job counts by frontend and state. Without it the dashboard counts
+// each frontend's unfinished jobs through Jobs.
 type JobCounter interface {
-	JobCounts(ctx context.Context) (map[schema.JobState]int, error)
+	JobCounts(ctx context.Context) (map[string]map[schema.JobState]int, error)
 }
 
 // Frontends resolves a frontend name to its controller (the registry map).

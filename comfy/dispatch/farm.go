@@ -103,7 +103,7 @@ type JobStore interface {
 	JobUpdate(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error)
 	JobExtendLease(ctx context.Context, owner string, ids []string, until time.Time) (int, error)
 	JobRescue(ctx context.Context, now time.Time, maxAttempts int) (requeued, failed []schema.Job, err error)
-	JobCounts(ctx context.Context) (map[schema.JobState]int, error)
+	JobCounts(ctx context.Context) (map[string]map[schema.JobState]int, error)
 }
 
 // Frontends resolves a frontend name to its controller; satisfied by

@@ -518,7 +518,7 @@ func (f *Farm) ProbeURL(ctx context.Context, rawURL string) (*schema.ProbeResult
 	return &res, nil
 }
 
-// JobCounts counts jobs per state, for the dashboard.
-func (f *Farm) JobCounts(ctx context.Context) (map[schema.JobState]int, error) {
+// JobCounts counts jobs by frontend and state, for the dashboard.
+func (f *Farm) JobCounts(ctx context.Context) (map[string]map[schema.JobState]int, error) {
 	return f.store.JobCounts(ctx)
 }

@@ -75,6 +75,24 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
+func TestMetricsKey(t *testing.T) {
+	const metricsKey = "metrics-key-0123456789"
+	b := setup(t, dbtest.SQLite(t), func(c *Config, _ *Deps) { c.MetricsKey = metricsKey })
+	expect(t, b.do(req{method: "GET", path: "/metrics"}), 401, "unauthorized")
+	expect(t, b.do(req{method: "GET", path: "/metrics", key: "metrics-key-wrong-0000"}), 401, "unauthorized")
+	expect(t, b.do(req{method: "GET", path: "/metrics", key: styleKey}), 401, "unauthorized")
+	for _, key := range []string{metricsKey, adminKey} {
+		r := b.do(req{method: "GET", path: "/metrics", key: key})
+		expect(t, r, 200)
+		if !strings.Contains(string(r.body), "comfyfarm_http_requests_total") {
+			t.Fatalf("metrics with %s: %s", key, r.body)
+		}
+	}
+	// The metrics key is no API key.
+	expect(t, b.do(req{method: "GET", path: "/api/v1/nodes", key: metricsKey}), 401, "unauthorized")
+	expect(t, b.do(req{method: "GET", path: "/api/v1/users/u1?frontend=style", key: metricsKey}), 401, "unauthorized")
+}
+
 func TestDashboard(t *testing.T) {
 	b := setup(t, dbtest.SQLite(t))
 	r := b.do(req{method: "GET", path: "/dashboard"})

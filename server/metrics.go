@@ -1,8 +1,11 @@
 package server
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"log/slog"
+	"net/http"
 	"strconv"
 	"time"
 
@@ -52,8 +55,32 @@ func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
 	return m, nil
 }
 
+// metricsHandler serves /metrics: open when no metrics key is configured,
+// else only to "Authorization: Bearer <metrics key or admin key>" (what a
+// Prometheus scrape config's authorization block sends). The metrics key
+// opens nothing else.
 func (s *Server) metricsHandler() fiber.Handler {
-	return adaptor.HTTPHandler(promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+	serve := adaptor.HTTPHandler(promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+	if s.cfg.MetricsKey == "" {
+		return serve
+	}
+	want := sha256.Sum256([]byte(s.cfg.MetricsKey))
+	return func(c *fiber.Ctx) error {
+		key, ok := bearer(c)
+		if !ok {
+			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="comfyfarm metrics"`)
+			return newAPIError(http.StatusUnauthorized, "unauthorized", "missing metrics key: send Authorization: Bearer <key>")
+		}
+		got := sha256.Sum256([]byte(key))
+		if subtle.ConstantTimeCompare(got[:], want[:]) == 1 {
+			return serve(c)
+		}
+		if who, ok := s.keys.lookup(key); ok && who.admin {
+			return serve(c)
+		}
+		c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="comfyfarm metrics", error="invalid_token"`)
+		return newAPIError(http.StatusUnauthorized, "unauthorized", "not the metrics key")
+	}
 }
 
 // observe wraps every request: it runs the handlers, turns an error into its

@@ -87,6 +87,7 @@ func (f PingFunc) Ping(ctx context.Context) error { return f(ctx) }
 // Config holds the server's settings. Zero values get the defaults noted.
 type Config struct {
 	AdminKey        string              // required
+	MetricsKey      string              // when set, /metrics needs it (or the admin key) as a bearer key
 	FrontendKeys    map[string][]string // frontend name -> its API keys
 	MaxBodyBytes    int                 // whole request body; default 32 MiB
 	MaxUploadBytes  int64               // one uploaded file; default 20 MiB

@@ -35,6 +35,7 @@ type Config struct {
 	Listen          string                    `yaml:"listen"`
 	PublicURL       string                    `yaml:"public_url"`
 	AdminKey        string                    `yaml:"admin_key"`
+	MetricsKey      string                    `yaml:"metrics_key"`
 	DataDir         string                    `yaml:"data_dir"`
 	ShutdownTimeout time.Duration             `yaml:"shutdown_timeout"`
 	Log             LogConfig                 `yaml:"log"`
@@ -488,6 +489,14 @@ func (c *Config) Validate() error {
 	}
 	if c.AdminKey != "" && len(c.AdminKey) < 16 {
 		bad("admin_key", "shorter than 16 characters (leave it empty to get a random one)")
+	}
+	if c.MetricsKey != "" {
+		if len(c.MetricsKey) < 16 {
+			bad("metrics_key", "shorter than 16 characters")
+		}
+		if owner, ok := keyOwner[c.MetricsKey]; ok {
+			bad("metrics_key", "the key is also used by %s", owner)
+		}
 	}
 
 	positive("scheduler.probe_interval", c.Scheduler.ProbeInterval)

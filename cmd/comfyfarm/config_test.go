@@ -199,6 +199,8 @@ func TestConfigRefused(t *testing.T) {
 		{"env invalid bool", "", []string{"COMFYFARM_STORAGE_OSS_SIGN_URLS=maybe"}, []string{"COMFYFARM_STORAGE_OSS_SIGN_URLS", "true or false"}},
 		{"env invalid int", "", []string{"COMFYFARM_OSS_URL_TTL=1h", "COMFYFARM_LIMITS_MAX_UPLOAD_MB=x"}, []string{"COMFYFARM_LIMITS_MAX_UPLOAD_MB", "integer"}},
 		{"short admin key", "admin_key: abc\n", nil, []string{"admin_key"}},
+		{"short metrics key", "metrics_key: abc\n", nil, []string{"metrics_key", "shorter"}},
+		{"metrics key is an api key", "metrics_key: shared-key-0123456789\nfrontends:\n  a: {api_keys: [shared-key-0123456789]}\n", nil, []string{"metrics_key", "frontends.a"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -126,6 +126,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	}
 	a.server, err = server.New(server.Config{
 		AdminKey:        a.secrets.adminKey,
+		MetricsKey:      cfg.MetricsKey,
 		FrontendKeys:    keys,
 		MaxBodyBytes:    cfg.Limits.MaxBodyMB << 20,
 		MaxUploadBytes:  int64(cfg.Limits.MaxUploadMB) << 20,

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -343,5 +344,51 @@ func TestServeAppliesRateLimits(t *testing.T) {
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("serve did not stop")
+	}
+}
+
+// TestDockerConfig loads the Docker image's example configuration with the
+// environment compose.yaml gives it, plus every COMFYFARM_ variable the two
+// files mention: all must be keys comfyfarm knows, and the result valid.
+func TestDockerConfig(t *testing.T) {
+	dir := filepath.Join("..", "..", "docker")
+	var mentioned []string
+	for _, name := range []string{"comfyfarm.yaml", "compose.yaml"} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range regexp.MustCompile(`COMFYFARM_[A-Z0-9_<>]*[A-Z0-9>]`).FindAllString(string(b), -1) {
+			if !strings.Contains(name, "<") { // a pattern such as COMFYFARM_FRONTENDS_<NAME>_API_KEYS
+				mentioned = append(mentioned, name)
+			}
+		}
+	}
+	if len(mentioned) < 5 {
+		t.Fatalf("only %v mentioned", mentioned)
+	}
+	values := map[string]string{
+		"COMFYFARM_ADMIN_KEY":    "an-admin-key-0123456789",
+		"COMFYFARM_DATABASE_DSN": "root:pw@tcp(db:3306)/",
+		"COMFYFARM_PUBLIC_URL":   "https://farm.example.com",
+	}
+	env := []string{}
+	for _, name := range mentioned {
+		v, ok := values[name]
+		if !ok {
+			v = "value-" + strings.ToLower(name[len("COMFYFARM_"):]) // strings and comma lists alike
+		}
+		env = append(env, name+"="+v)
+	}
+	cfg, warnings, err := LoadConfig(filepath.Join(dir, "comfyfarm.yaml"), env)
+	if err != nil {
+		t.Fatalf("docker config refused: %v", err)
+	}
+	if len(warnings) != 0 {
+		t.Fatalf("variables the docker files mention but comfyfarm ignores: %v", warnings)
+	}
+	if cfg.Database.Driver != "mysql" || cfg.Database.DSN != "root:pw@tcp(db:3306)/" || cfg.DataDir != "/data" ||
+		cfg.Storage.Local.Dir != "/data/files" || cfg.Log.Format != "json" {
+		t.Fatalf("docker config: %+v", cfg)
 	}
 }

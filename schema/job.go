@@ -152,9 +152,9 @@ func (e *JobError) Error() string {
 const (
 	CodeExecutionError   = "execution_error"   // the workflow raised on the node: deterministic, no retry
 	CodeValidationFailed = "validation_failed" // the node refused the prompt
-	CodeInterrupted      = "interrupted"
-	CodeNodeLost         = "node_lost" // attempts exhausted after node failures
+	CodeNodeLost         = "node_lost"         // attempts exhausted after node failures
 	CodeTimeout          = "timeout"
 	CodeStorageFailed    = "storage_failed"
 	CodeNoOutputs        = "no_outputs"
+	CodeNoNode           = "no_node" // waited longer than stall_timeout for a node offering its classes
 )

@@ -128,7 +128,9 @@ type Farm struct {
 	mu        sync.Mutex // guards the queue and positions; taken before rmu
 	queue     *fairQueue
 	positions map[string]int // last published position per queued job
-	rr        uint64         // round robin tie-break among equally good nodes
+	// unrunnable: since when a queued job has needed a class no node offers.
+	unrunnable map[string]time.Time
+	rr         uint64 // round robin tie-break among equally good nodes
 
 	rmu     sync.RWMutex // guards runners; never held while calling the registry
 	runners map[string]*runner
@@ -147,19 +149,20 @@ type Farm struct {
 func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.Store, nodes *Nodes) *Farm {
 	cfg.fill()
 	f := &Farm{
-		cfg:       cfg,
-		store:     store,
-		frontends: frontends,
-		storage:   storage,
-		nodes:     nodes,
-		hub:       NewHub(),
-		metrics:   newFarmMetrics(),
-		log:       cfg.Logger.With("component", "farm"),
-		queue:     newFairQueue(cfg.Weights),
-		positions: make(map[string]int),
-		runners:   make(map[string]*runner),
-		kick:      make(chan struct{}, 1),
-		started:   make(chan struct{}),
+		cfg:        cfg,
+		store:      store,
+		frontends:  frontends,
+		storage:    storage,
+		nodes:      nodes,
+		hub:        NewHub(),
+		metrics:    newFarmMetrics(),
+		log:        cfg.Logger.With("component", "farm"),
+		queue:      newFairQueue(cfg.Weights),
+		positions:  make(map[string]int),
+		unrunnable: make(map[string]time.Time),
+		runners:    make(map[string]*runner),
+		kick:       make(chan struct{}, 1),
+		started:    make(chan struct{}),
 	}
 	nodes.SetRuntimeFunc(f.runtime)
 	return f
@@ -206,6 +209,7 @@ func (f *Farm) Run(ctx context.Context) error {
 		case <-tick.C:
 			f.heartbeat(ctx)
 			f.rescue(ctx)
+			f.failUnrunnable(ctx)
 			f.hub.GC()
 			f.schedule(ctx)
 		}

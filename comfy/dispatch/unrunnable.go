@@ -1,0 +1,101 @@
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// failUnrunnable fails queued jobs that no registered node can run: their
+// workflow uses a class missing from every known node catalogue, for longer
+// than StallTimeout. Submit refuses such workflows at once; this catches the
+// ones that became unrunnable while waiting (the node that offered a custom
+// class was removed, or came back without it), which would otherwise hold
+// their place, and their credits, for ever.
+//
+// While any registered node's catalogue is unknown (no node registered, or
+// one has not answered yet) nothing is failed: that node may offer the
+// class, so jobs wait.
+func (f *Farm) failUnrunnable(ctx context.Context) {
+	known := len(f.runnerList()) > 0
+	for _, r := range f.runnerList() {
+		known = known && r.knownClasses() != nil
+	}
+	if !known {
+		f.mu.Lock()
+		clear(f.unrunnable) // the wait starts again once every catalogue is known
+		f.mu.Unlock()
+		return
+	}
+	now := f.cfg.NowFunc()
+	type doomed struct {
+		pj      *pendingJob
+		missing []string
+	}
+	var due []doomed
+	f.mu.Lock()
+	for id := range f.unrunnable {
+		if !f.queue.Has(id) {
+			delete(f.unrunnable, id)
+		}
+	}
+	for id, pj := range f.queue.byID {
+		missing := f.unknownClasses(pj.Classes)
+		if len(missing) == 0 {
+			delete(f.unrunnable, id)
+			continue
+		}
+		since, seen := f.unrunnable[id]
+		if !seen {
+			f.unrunnable[id] = now
+			f.log.Warn("queued job needs classes no node offers", "job_id", id, "classes", missing)
+			continue
+		}
+		if now.Sub(since) >= f.cfg.StallTimeout {
+			due = append(due, doomed{pj, missing})
+		}
+	}
+	for _, d := range due {
+		f.queue.Remove(d.pj.ID)
+		delete(f.unrunnable, d.pj.ID)
+	}
+	f.mu.Unlock()
+	if len(due) == 0 {
+		return
+	}
+
+	var back []*pendingJob
+	for _, d := range due {
+		jerr := &schema.JobError{
+			Code:    schema.CodeNoNode,
+			Message: fmt.Sprintf("no registered node offers %s", strings.Join(d.missing, ", ")),
+			Details: map[string]any{"classes": d.missing},
+		}
+		job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+			ID: d.pj.ID, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed,
+			Error: jerr, FinishedAt: ptr(now.UTC()),
+		})
+		if err != nil {
+			if !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound) {
+				// Still queued in the database: keep it, and try again later.
+				f.log.Error("fail unrunnable job", "job_id", d.pj.ID, "err", err)
+				back = append(back, d.pj)
+			}
+			continue // cancelled meanwhile
+		}
+		f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+		f.refund(ctx, job)
+		f.hub.Publish(job.ID, schema.Event{Type: schema.EventFailed, Error: jerr})
+	}
+	f.mu.Lock()
+	for _, pj := range back {
+		f.queue.Push(pj)
+	}
+	f.metrics.queued.Set(float64(f.queue.Len()))
+	f.publishPositionsLocked()
+	f.mu.Unlock()
+}

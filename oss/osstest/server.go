@@ -260,30 +260,49 @@ func defaultCode(status int) string {
 	return "InternalError"
 }
 
-// recorder captures the status and error code written.
+// recorder captures the status and error code written, and logs the request
+// as its response starts: a client that has its answer finds the request in
+// Requests and RequestCount.
 type recorder struct {
 	http.ResponseWriter
-	req *Request
+	s      *Server
+	req    *Request
+	logged bool
 }
 
 func (w *recorder) WriteHeader(status int) {
 	w.req.Status = status
+	w.log()
 	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *recorder) Write(b []byte) (int, error) {
+	if !w.logged {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// log appends the request to the server's log, once.
+func (w *recorder) log() {
+	if w.logged {
+		return
+	}
+	w.logged = true
+	if w.req.Status == 0 {
+		w.req.Status = http.StatusOK
+	}
+	w.s.mu.Lock()
+	w.s.log = append(w.s.log, *w.req)
+	w.s.mu.Unlock()
 }
 
 func (s *Server) serve(rw http.ResponseWriter, r *http.Request) {
 	entry := &Request{Method: r.Method, Query: r.URL.RawQuery, Chunked: len(r.TransferEncoding) > 0}
-	w := &recorder{ResponseWriter: rw, req: entry}
+	w := &recorder{ResponseWriter: rw, s: s, req: entry}
 	body, readErr := io.ReadAll(io.LimitReader(r.Body, s.opts.MaxObjectSize+1))
 	entry.BodyBytes = int64(len(body))
-	defer func() {
-		if entry.Status == 0 {
-			entry.Status = http.StatusOK
-		}
-		s.mu.Lock()
-		s.log = append(s.log, *entry)
-		s.mu.Unlock()
-	}()
+	defer w.log() // a dropped connection or an empty answer
 
 	// Path style: /bucket/key; r.URL.Path is already unescaped, so the SDK's
 	// %2F comes back as "/".
@@ -303,6 +322,7 @@ func (s *Server) serve(rw http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	if drop {
 		entry.Status = -1
+		w.log() // before the client sees the connection close
 		if hj, ok := rw.(http.Hijacker); ok {
 			if c, _, err := hj.Hijack(); err == nil {
 				_ = c.Close()

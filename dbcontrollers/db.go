@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -57,6 +58,24 @@ type Config struct {
 	// <prefix> on MySQL) and, on MySQL, prefixes the default frontend database
 	// names (<prefix>_<frontend>). Default "comfyfarm".
 	Prefix string
+	// Logger receives the MySQL driver's own messages (a connection that
+	// broke, say), at warn level; nil leaves them on the driver's default,
+	// standard error.
+	Logger *slog.Logger
+}
+
+// driverLogger passes the MySQL driver's messages to slog.
+type driverLogger struct{ log *slog.Logger }
+
+func (l driverLogger) Print(v ...any) {
+	l.log.Warn(strings.TrimSpace(fmt.Sprint(v...)))
+}
+
+// setDriverLogger routes mc's driver messages to cfg.Logger, when set.
+func (cfg Config) setDriverLogger(mc *mysql.Config) {
+	if cfg.Logger != nil {
+		mc.Logger = driverLogger{cfg.Logger.With("component", "mysql")}
+	}
 }
 
 func (c Config) dialect() (string, error) {
@@ -289,11 +308,12 @@ func mysqlConfig(dsn, dbName string) (*mysql.Config, error) {
 }
 
 // createMySQLDatabase creates the database when missing.
-func createMySQLDatabase(ctx context.Context, dsn, name string) error {
-	mc, err := mysqlConfig(dsn, "")
+func createMySQLDatabase(ctx context.Context, cfg Config, name string) error {
+	mc, err := mysqlConfig(cfg.DSN, "")
 	if err != nil {
 		return err
 	}
+	cfg.setDriverLogger(mc)
 	conn, err := mysql.NewConnector(mc)
 	if err != nil {
 		return fmt.Errorf("mysql: %w", err)
@@ -311,13 +331,14 @@ func openMySQL(ctx context.Context, cfg Config, name string) (*DB, error) {
 	if !ValidDatabaseName(name) {
 		return nil, fmt.Errorf("mysql: database name %q must match %s", name, dbNamePattern)
 	}
-	if err := createMySQLDatabase(ctx, cfg.DSN, name); err != nil {
+	if err := createMySQLDatabase(ctx, cfg, name); err != nil {
 		return nil, err
 	}
 	mc, err := mysqlConfig(cfg.DSN, name)
 	if err != nil {
 		return nil, err
 	}
+	cfg.setDriverLogger(mc)
 	conn, err := mysql.NewConnector(mc)
 	if err != nil {
 		return nil, fmt.Errorf("mysql: %w", err)

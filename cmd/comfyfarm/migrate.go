@@ -23,7 +23,7 @@ func cmdMigrate(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	dbcfg := cfg.dbConfig()
+	dbcfg := cfg.dbConfig(log)
 	var names []string
 	for _, fe := range slices.Sorted(maps.Keys(cfg.Frontends)) {
 		name, err := dbcfg.FrontendDatabase(fe, cfg.Frontends[fe].Database)

@@ -90,7 +90,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	a.metrics = prometheus.NewRegistry()
 	a.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	dbcfg := cfg.dbConfig()
+	dbcfg := cfg.dbConfig(log)
 	if a.control, err = dbcontrollers.OpenControl(ctx, dbcfg); err != nil {
 		return nil, fmt.Errorf("control database: %w", err)
 	}
@@ -242,12 +242,13 @@ func warnExampleKeys(cfg *Config, log *slog.Logger) {
 	}
 }
 
-func (c *Config) dbConfig() dbcontrollers.Config {
+func (c *Config) dbConfig(log *slog.Logger) dbcontrollers.Config {
 	return dbcontrollers.Config{
 		Driver: c.Database.Driver,
 		Path:   c.Database.Path,
 		DSN:    c.Database.DSN,
 		Prefix: c.Database.Prefix,
+		Logger: log,
 	}
 }
 

@@ -207,8 +207,12 @@ func (f *Farm) Run(ctx context.Context) error {
 		case <-f.kick:
 			f.schedule(ctx)
 		case <-tick.C:
-			f.heartbeat(ctx)
-			f.rescue(ctx)
+			// Only with our own leases fresh: after a database outage an
+			// expired lease of a job this instance still follows must be
+			// extended before anyone's expired leases are rescued.
+			if f.heartbeat(ctx) {
+				f.rescue(ctx)
+			}
 			f.failUnrunnable(ctx)
 			f.hub.GC()
 			f.schedule(ctx)
@@ -388,18 +392,23 @@ func (f *Farm) position(id string) (int, bool) {
 	return p, ok
 }
 
-// heartbeat extends the leases of every job this instance follows.
-func (f *Farm) heartbeat(ctx context.Context) {
+// heartbeat extends the leases of every job this instance follows. It
+// reports whether they are fresh (extended now, or none to extend).
+func (f *Farm) heartbeat(ctx context.Context) bool {
 	var ids []string
 	for _, r := range f.runnerList() {
 		ids = append(ids, r.activeIDs()...)
 	}
 	if len(ids) == 0 {
-		return
+		return true
 	}
-	if _, err := f.store.JobExtendLease(ctx, f.cfg.InstanceID, ids, f.cfg.NowFunc().Add(f.cfg.Lease)); err != nil && ctx.Err() == nil {
-		f.log.Error("extend leases", "err", err)
+	if _, err := f.store.JobExtendLease(ctx, f.cfg.InstanceID, ids, f.cfg.NowFunc().Add(f.cfg.Lease)); err != nil {
+		if ctx.Err() == nil {
+			f.log.Error("extend leases", "err", err)
+		}
+		return false
 	}
+	return true
 }
 
 // rescue returns jobs whose lease expired (their instance died) to the queue.

@@ -17,6 +17,34 @@ var activeStates = []schema.JobState{schema.JobDispatched, schema.JobRunning, sc
 
 func ptr[T any](v T) *T { return &v }
 
+// updateJob is JobUpdate for the writes that end a run (storing, succeeded),
+// which must not be lost to a database that is briefly away: an error that is
+// not the database's answer (a conflict, a missing job, invalid input) is
+// retried with back-off until the database answers or ctx ends. Meanwhile
+// the job is still followed, so its lease is extended again as soon as the
+// database is back, and the rescuer does not hand the finished work to
+// another run.
+func (f *Farm) updateJob(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error) {
+	wait := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		job, err := f.store.JobUpdate(ctx, u)
+		var verr *schema.ValidationError
+		if err == nil || errors.Is(err, schema.ErrConflict) || errors.Is(err, schema.ErrNotFound) || errors.As(err, &verr) {
+			return job, err
+		}
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		f.log.Warn("job update failed, retrying", "job_id", u.ID, "state", u.State, "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
+}
+
 // markRunning records that the node started a's prompt.
 func (f *Farm) markRunning(ctx context.Context, r *runner, a *active) {
 	r.mu.Lock()

@@ -34,9 +34,9 @@ import (
 // While storage fails the job stays storing and this retries with back-off:
 // a job is never succeeded without its objects.
 func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *comfy.HistoryEntry) {
-	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: a.jobID, From: activeStates, State: schema.JobStoring, Attempt: attemptOf(a.ref())})
+	job, err := f.updateJob(ctx, dbcontrollers.JobUpdate{ID: a.jobID, From: activeStates, State: schema.JobStoring, Attempt: attemptOf(a.ref())})
 	if err != nil {
-		if !errors.Is(err, schema.ErrConflict) {
+		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {
 			r.log.Error("mark storing", "job_id", a.jobID, "err", err)
 		}
 		r.forget(a.ref())
@@ -213,13 +213,13 @@ func safeBase(name string) string {
 
 // succeed marks the job succeeded with its outputs and tells subscribers.
 func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs []schema.Output) {
-	done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+	done, err := f.updateJob(ctx, dbcontrollers.JobUpdate{
 		ID: job.ID, From: []schema.JobState{schema.JobStoring}, State: schema.JobSucceeded, Attempt: &job.Attempts,
 		Outputs: outputs, FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
 	})
 	r.forget(jobRef{job.ID, job.Attempts})
 	if err != nil {
-		if !errors.Is(err, schema.ErrConflict) {
+		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {
 			r.log.Error("mark succeeded", "job_id", job.ID, "err", err)
 		}
 		return

@@ -1,0 +1,145 @@
+package dispatch
+
+import (
+	"context"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+
+	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers/dbtest"
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// dbProxy stands between the farm and MariaDB so a test can take the
+// database away (every connection reset, new ones refused) and give it back.
+type dbProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex
+	down   bool
+	conns  map[net.Conn]struct{}
+}
+
+func startDBProxy(t *testing.T, target string) *dbProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &dbProxy{ln: ln, target: target, conns: map[net.Conn]struct{}{}}
+	t.Cleanup(func() {
+		ln.Close()
+		p.cut()
+	})
+	go p.serve()
+	return p
+}
+
+func (p *dbProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		down := p.down
+		p.mu.Unlock()
+		if down {
+			c.Close()
+			continue
+		}
+		go p.pipe(c)
+	}
+}
+
+func (p *dbProxy) pipe(c net.Conn) {
+	up, err := net.DialTimeout("tcp", p.target, 5*time.Second)
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	if p.down {
+		p.mu.Unlock()
+		c.Close()
+		up.Close()
+		return
+	}
+	p.conns[c], p.conns[up] = struct{}{}, struct{}{}
+	p.mu.Unlock()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(up, c); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, up); done <- struct{}{} }()
+	<-done
+	c.Close()
+	up.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	delete(p.conns, up)
+	p.mu.Unlock()
+}
+
+// cut takes the database away: open connections are reset, new ones closed
+// at once.
+func (p *dbProxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = true
+	for c := range p.conns {
+		c.Close()
+	}
+}
+
+func (p *dbProxy) restore() {
+	p.mu.Lock()
+	p.down = false
+	p.mu.Unlock()
+}
+
+// The database goes away while a job runs, and stays away past the job's
+// lease and past its end on the node. When it comes back the job ends
+// succeeded, once: one run on the GPU, one photo row, its outputs stored.
+func TestFarmSurvivesDatabaseOutage(t *testing.T) {
+	cfg := dbtest.MySQL(t)
+	mc, err := mysql.ParseDSN(cfg.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := startDBProxy(t, mc.Addr)
+	mc.Addr = proxy.ln.Addr().String()
+	mc.Timeout = 2 * time.Second
+	cfg.DSN = mc.FormatDSN()
+	cfg.Logger = testLogger() // the driver reports every broken connection
+
+	e := newFarmEnv(t, cfg, []comfytest.Options{sdOptions()}, nil)
+	ctx := context.Background()
+	node := e.fakes["n1"]
+	node.Hold()
+	j := e.submit("style", "u-outage", sdGraph(ckptXL, 3, 11), 0)
+	e.eventually(10*time.Second, "the prompt in the node's queue", func() bool { return len(node.Stats().Pending) == 1 })
+
+	proxy.cut()
+	node.Release()
+	e.eventually(20*time.Second, "the prompt done on the node", func() bool { return node.Stats().Executed == 1 })
+	time.Sleep(e.farm.cfg.Lease + time.Second) // the lease runs out while the database is away
+	proxy.restore()
+
+	done := e.waitState(j.ID, schema.JobSucceeded, 60*time.Second)
+	if done.Attempts != 1 || node.Stats().Submitted != 1 {
+		t.Errorf("attempts %d, prompts submitted %d: the job ran again", done.Attempts, node.Stats().Submitted)
+	}
+	if len(done.Outputs) != 1 {
+		t.Fatalf("outputs %+v", done.Outputs)
+	}
+	ctrl, _ := e.reg.Get("style")
+	photos, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "u-outage", Limit: 10})
+	if err != nil || total != 1 || len(photos) != 1 {
+		t.Fatalf("photos %d (%v), want 1", total, err)
+	}
+}

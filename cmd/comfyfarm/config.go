@@ -120,6 +120,7 @@ type SchedulerConfig struct {
 	MaxAttempts   int           `yaml:"max_attempts"`
 	StallTimeout  time.Duration `yaml:"stall_timeout"`
 	JobTimeout    time.Duration `yaml:"job_timeout"`
+	InstanceID    string        `yaml:"instance_id"` // lease owner; "" = the host name
 }
 
 // LimitsConfig bounds what clients may send.
@@ -349,6 +350,7 @@ var (
 	dbPrefixRE   = regexp.MustCompile(`^[a-z][a-z0-9_]{0,40}$`)
 	dbNameRE     = regexp.MustCompile(`^[a-z][a-z0-9_]{0,63}$`)
 	controllerRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,31}$`)
+	instanceIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
 )
 
 // Validate checks every key; the error names each bad key and why.
@@ -502,6 +504,9 @@ func (c *Config) Validate() error {
 	positive("scheduler.probe_interval", c.Scheduler.ProbeInterval)
 	positive("scheduler.stall_timeout", c.Scheduler.StallTimeout)
 	positive("scheduler.job_timeout", c.Scheduler.JobTimeout)
+	if id := c.Scheduler.InstanceID; id != "" && !instanceIDRE.MatchString(id) {
+		bad("scheduler.instance_id", "want 1 to 64 letters, digits, '.', '_' or '-', not %q", id)
+	}
 	if c.Scheduler.MaxAttempts < 1 || c.Scheduler.MaxAttempts > 100 {
 		bad("scheduler.max_attempts", "want 1 to 100")
 	}

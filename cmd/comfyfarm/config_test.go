@@ -114,6 +114,7 @@ func TestConfigEnv(t *testing.T) {
 		"COMFYFARM_OSS_ACCESS_KEY_ID=id",
 		"COMFYFARM_OSS_ACCESS_KEY_SECRET=secret",
 		"COMFYFARM_SCHEDULER_PROBE_INTERVAL=750ms",
+		"COMFYFARM_SCHEDULER_INSTANCE_ID=farm-b.2",
 		"COMFYFARM_LIMITS_MAX_BODY_MB=64",
 		"COMFYFARM_LIMITS_RATE_PER_MINUTE=0",
 		"COMFYFARM_LIMITS_SUBMIT_PER_MINUTE=30",
@@ -141,6 +142,7 @@ func TestConfigEnv(t *testing.T) {
 		{"storage.oss.bucket", cfg.Storage.OSS.Bucket, "canonical-bucket"},
 		{"storage.oss.access_key_secret", cfg.Storage.OSS.AccessKeySecret, "secret"},
 		{"scheduler.probe_interval", cfg.Scheduler.ProbeInterval, 750 * time.Millisecond},
+		{"scheduler.instance_id", cfg.Scheduler.InstanceID, "farm-b.2"},
 		{"limits.max_body_mb", cfg.Limits.MaxBodyMB, 64},
 		{"limits.rate_per_minute", cfg.Limits.RatePerMinute, 0},
 		{"limits.submit_per_minute", cfg.Limits.SubmitPerMinute, 30},
@@ -200,6 +202,7 @@ func TestConfigRefused(t *testing.T) {
 		{"env invalid bool", "", []string{"COMFYFARM_STORAGE_OSS_SIGN_URLS=maybe"}, []string{"COMFYFARM_STORAGE_OSS_SIGN_URLS", "true or false"}},
 		{"env invalid int", "", []string{"COMFYFARM_OSS_URL_TTL=1h", "COMFYFARM_LIMITS_MAX_UPLOAD_MB=x"}, []string{"COMFYFARM_LIMITS_MAX_UPLOAD_MB", "integer"}},
 		{"short admin key", "admin_key: abc\n", nil, []string{"admin_key"}},
+		{"bad instance id", "scheduler: {instance_id: \"a b\"}\n", nil, []string{"scheduler.instance_id"}},
 		{"short metrics key", "metrics_key: abc\n", nil, []string{"metrics_key", "shorter"}},
 		{"metrics key is an api key", "metrics_key: shared-key-0123456789\nfrontends:\n  a: {api_keys: [shared-key-0123456789]}\n", nil, []string{"metrics_key", "frontends.a"}},
 	}

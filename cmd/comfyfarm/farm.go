@@ -33,6 +33,7 @@ func (a *app) openFarm(ctx context.Context) error {
 		}
 	}
 	farm := dispatch.NewFarm(dispatch.FarmConfig{
+		InstanceID:     cfg.Scheduler.InstanceID,
 		MaxAttempts:    cfg.Scheduler.MaxAttempts,
 		StallTimeout:   cfg.Scheduler.StallTimeout,
 		JobTimeout:     cfg.Scheduler.JobTimeout,

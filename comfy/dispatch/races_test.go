@@ -130,8 +130,14 @@ func TestCancelDuringSlowSubmitTakesPromptOff(t *testing.T) {
 	if _, err := e.farm.Cancel(context.Background(), "alpha", j.ID); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2500 * time.Millisecond) // the post lands; reconcile runs many times
-	if p := node.Stats().Pending; len(p) != 0 {
-		t.Fatalf("a cancelled job's prompt is still queued on the node: %v (runner inflight %d)", p, e.farm.runtime("n1").Inflight)
+	// The post lands (the node counts it) and is then taken off again.
+	// The deadline only bounds a prompt that stays for good.
+	e.eventually(30*time.Second, "the slow post to land", func() bool { return node.Stats().Submitted == 1 })
+	deadline := time.Now().Add(30 * time.Second)
+	for p := node.Stats().Pending; len(p) != 0; p = node.Stats().Pending {
+		if time.Now().After(deadline) {
+			t.Fatalf("a cancelled job's prompt is still queued on the node: %v (runner inflight %d)", p, e.farm.runtime("n1").Inflight)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

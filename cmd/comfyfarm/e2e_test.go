@@ -208,9 +208,15 @@ func TestFullStack(t *testing.T) {
 		var wg sync.WaitGroup
 		var wsEvents, sseEvents []schema.Event
 		var wsErr, sseErr error
+		// subscribed is done when each stream has its first event (the
+		// snapshot), or has ended.
+		var subscribed sync.WaitGroup
+		subscribed.Add(2)
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
+			first := sync.OnceFunc(subscribed.Done)
+			defer first()
 			for {
 				_ = ws.SetReadDeadline(time.Now().Add(30 * time.Second))
 				_, msg, err := ws.ReadMessage()
@@ -227,6 +233,7 @@ func TestFullStack(t *testing.T) {
 					continue
 				}
 				wsEvents = append(wsEvents, ev)
+				first()
 				if ev.Type.Terminal() {
 					return
 				}
@@ -234,6 +241,8 @@ func TestFullStack(t *testing.T) {
 		}()
 		go func() {
 			defer wg.Done()
+			first := sync.OnceFunc(subscribed.Done)
+			defer first()
 			r := newSSEReader(sse.Body)
 			for {
 				msg, err := r.Next()
@@ -251,12 +260,13 @@ func TestFullStack(t *testing.T) {
 					return
 				}
 				sseEvents = append(sseEvents, ev)
+				first()
 				if ev.Type.Terminal() {
 					return
 				}
 			}
 		}()
-		time.Sleep(100 * time.Millisecond) // both subscribed before anything moves
+		subscribed.Wait() // both subscribed before anything moves
 		for _, f := range s.fakes {
 			f.Release()
 		}

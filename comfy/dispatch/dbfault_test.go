@@ -102,10 +102,9 @@ func (p *dbProxy) restore() {
 	p.mu.Unlock()
 }
 
-// The database goes away while a job runs, and stays away past the job's
-// lease and past its end on the node. When it comes back the job ends
-// succeeded, once: one run on the GPU, one photo row, its outputs stored.
-func TestFarmSurvivesDatabaseOutage(t *testing.T) {
+// outageEnv is a farm on MariaDB reached through a dbProxy, with one node.
+func outageEnv(t *testing.T) (*farmEnv, *dbProxy) {
+	t.Helper()
 	cfg := dbtest.MySQL(t)
 	mc, err := mysql.ParseDSN(cfg.DSN)
 	if err != nil {
@@ -116,19 +115,31 @@ func TestFarmSurvivesDatabaseOutage(t *testing.T) {
 	mc.Timeout = 2 * time.Second
 	cfg.DSN = mc.FormatDSN()
 	cfg.Logger = testLogger() // the driver reports every broken connection
+	return newFarmEnv(t, cfg, []comfytest.Options{sdOptions()}, nil), proxy
+}
 
-	e := newFarmEnv(t, cfg, []comfytest.Options{sdOptions()}, nil)
+// outage takes the database away while the node runs the job it holds, and
+// past the end of the job on the node and of its lease, then gives it back.
+func outage(e *farmEnv, proxy *dbProxy, node *comfytest.Server) {
+	e.t.Helper()
+	e.eventually(10*time.Second, "the prompt in the node's queue", func() bool { return len(node.Stats().Pending) == 1 })
+	proxy.cut()
+	node.Release()
+	e.eventually(20*time.Second, "the prompt done on the node", func() bool { return node.Stats().Executed == 1 })
+	time.Sleep(e.farm.cfg.Lease + time.Second)
+	proxy.restore()
+}
+
+// The database goes away while a job runs, and stays away past the job's
+// end on the node and past its lease. When it comes back the job ends
+// succeeded, once: one run on the GPU, one photo row, its outputs stored.
+func TestFarmSurvivesDatabaseOutage(t *testing.T) {
+	e, proxy := outageEnv(t)
 	ctx := context.Background()
 	node := e.fakes["n1"]
 	node.Hold()
 	j := e.submit("style", "u-outage", sdGraph(ckptXL, 3, 11), 0)
-	e.eventually(10*time.Second, "the prompt in the node's queue", func() bool { return len(node.Stats().Pending) == 1 })
-
-	proxy.cut()
-	node.Release()
-	e.eventually(20*time.Second, "the prompt done on the node", func() bool { return node.Stats().Executed == 1 })
-	time.Sleep(e.farm.cfg.Lease + time.Second) // the lease runs out while the database is away
-	proxy.restore()
+	outage(e, proxy, node)
 
 	done := e.waitState(j.ID, schema.JobSucceeded, 60*time.Second)
 	if done.Attempts != 1 || node.Stats().Submitted != 1 {
@@ -142,4 +153,30 @@ func TestFarmSurvivesDatabaseOutage(t *testing.T) {
 	if err != nil || total != 1 || len(photos) != 1 {
 		t.Fatalf("photos %d (%v), want 1", total, err)
 	}
+}
+
+// The same outage, but the workflow raises on the node: the job ends failed
+// with the node's error once the database is back, without a second run, and
+// its credit comes back.
+func TestFarmFailsOnceThroughDatabaseOutage(t *testing.T) {
+	e, proxy := outageEnv(t)
+	ctx := context.Background()
+	node := e.fakes["n1"]
+	node.Hold()
+	j := e.submit("style", "u-outage-err", sdGraph(ckptXL, 3, 12), 0)
+	node.FailNth(1)
+	outage(e, proxy, node)
+
+	done := e.waitState(j.ID, schema.JobFailed, 60*time.Second)
+	if done.Error == nil || done.Error.Code != schema.CodeExecutionError {
+		t.Fatalf("error %+v, want execution_error", done.Error)
+	}
+	if done.Attempts != 1 || node.Stats().Submitted != 1 {
+		t.Errorf("attempts %d, prompts submitted %d: the job ran again", done.Attempts, node.Stats().Submitted)
+	}
+	ctrl, _ := e.reg.Get("style")
+	e.eventually(10*time.Second, "the refund", func() bool {
+		u, err := ctrl.UserGet(ctx, ctrl.DB(), "u-outage-err")
+		return err == nil && u.Credits == 5
+	})
 }

@@ -135,6 +135,9 @@ type Farm struct {
 	rmu     sync.RWMutex // guards runners; never held while calling the registry
 	runners map[string]*runner
 
+	lmu    sync.Mutex
+	leased map[string]bool // jobs finishing off any runner whose leases the heartbeat keeps
+
 	kick chan struct{}
 	ctx  context.Context // set by Run; bounds background work
 
@@ -160,6 +163,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		queue:      newFairQueue(cfg.Weights),
 		positions:  make(map[string]int),
 		unrunnable: make(map[string]time.Time),
+		leased:     make(map[string]bool),
 		runners:    make(map[string]*runner),
 		kick:       make(chan struct{}, 1),
 		started:    make(chan struct{}),
@@ -399,6 +403,11 @@ func (f *Farm) heartbeat(ctx context.Context) bool {
 	for _, r := range f.runnerList() {
 		ids = append(ids, r.activeIDs()...)
 	}
+	f.lmu.Lock()
+	for id := range f.leased {
+		ids = append(ids, id)
+	}
+	f.lmu.Unlock()
 	if len(ids) == 0 {
 		return true
 	}

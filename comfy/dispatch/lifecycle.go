@@ -28,12 +28,8 @@ func (f *Farm) updateJob(ctx context.Context, u dbcontrollers.JobUpdate) (*schem
 	wait := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		job, err := f.store.JobUpdate(ctx, u)
-		var verr *schema.ValidationError
-		if err == nil || errors.Is(err, schema.ErrConflict) || errors.Is(err, schema.ErrNotFound) || errors.As(err, &verr) {
+		if !unanswered(ctx, err) {
 			return job, err
-		}
-		if ctx.Err() != nil {
-			return nil, err
 		}
 		f.log.Warn("job update failed, retrying", "job_id", u.ID, "state", u.State, "attempt", attempt, "err", err)
 		select {
@@ -43,6 +39,15 @@ func (f *Farm) updateJob(ctx context.Context, u dbcontrollers.JobUpdate) (*schem
 		}
 		wait = min(2*wait, 5*time.Second)
 	}
+}
+
+// unanswered reports whether err is a database error that is not the
+// database's answer (a conflict, a missing job, invalid input): the database
+// was not reached, or failed, and asking again may work.
+func unanswered(ctx context.Context, err error) bool {
+	var verr *schema.ValidationError
+	return err != nil && ctx.Err() == nil && !errors.Is(err, schema.ErrConflict) &&
+		!errors.Is(err, schema.ErrNotFound) && !errors.As(err, &verr)
 }
 
 // markRunning records that the node started a's prompt.
@@ -77,19 +82,52 @@ func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *sc
 		r.jobsFail++
 		r.mu.Unlock()
 	}
-	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+	u := dbcontrollers.JobUpdate{
 		ID: ref.id, From: activeStates, State: schema.JobFailed, Error: jerr, Attempt: attemptOf(ref),
 		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
-	})
+	}
+	job, err := f.store.JobUpdate(ctx, u)
+	if unanswered(ctx, err) {
+		// The database is away. Finish the job when it is back, off the
+		// caller's goroutine (often a node's event stream, which must not
+		// stall); meanwhile its lease is kept, so the rescuer does not run it
+		// again.
+		f.keepLease(ref.id, true)
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			defer f.keepLease(ref.id, false)
+			job, err := f.updateJob(ctx, u)
+			f.failed(ctx, ref.id, job, err, jerr)
+		}()
+		return
+	}
+	f.failed(ctx, ref.id, job, err, jerr)
+}
+
+// failed tells of a job finishFailed has (or has not) marked failed.
+func (f *Farm) failed(ctx context.Context, id string, job *schema.Job, err error, jerr *schema.JobError) {
 	if err != nil {
-		if !errors.Is(err, schema.ErrConflict) {
-			f.log.Error("mark failed", "job_id", ref.id, "err", err)
+		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {
+			f.log.Error("mark failed", "job_id", id, "err", err)
 		}
 		return
 	}
 	f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
 	f.refund(ctx, job)
-	f.hub.Publish(ref.id, schema.Event{Type: schema.EventFailed, Error: jerr})
+	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
+}
+
+// keepLease adds a job that no runner follows any more, but whose end is not
+// written yet, to the heartbeat (on), or takes it out (off).
+func (f *Farm) keepLease(id string, on bool) {
+	f.lmu.Lock()
+	defer f.lmu.Unlock()
+	if on {
+		f.leased[id] = true
+	} else {
+		delete(f.leased, id)
+	}
 }
 
 // requeue sends an active job back to the queue (the node failed it), or fails

@@ -85,7 +85,15 @@ func (h *Hub) Publish(jobID string, ev schema.Event) schema.Event {
 	if ev.Time.IsZero() {
 		ev.Time = h.NowFunc().UTC()
 	}
-	if ev.Type != schema.EventPreview {
+	switch n := len(s.ring); {
+	case ev.Type == schema.EventPreview:
+		// Previews are never replayed.
+	case ev.Type == schema.EventQueued && n > 0 && s.ring[n-1].Type == schema.EventQueued:
+		// A new position supersedes the last one. Without this a job that
+		// waits behind n others keeps up to RingSize stale positions, and a
+		// long queue holds O(n²) events in memory.
+		s.ring[n-1] = ev
+	default:
 		s.ring = append(s.ring, ev)
 		if len(s.ring) > h.RingSize {
 			s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)

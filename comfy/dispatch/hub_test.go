@@ -227,3 +227,44 @@ func BenchmarkHubFanout1000(b *testing.B) {
 		h.Publish("j", schema.Event{Type: schema.EventProgress, Value: &v})
 	}
 }
+
+// Positions supersede each other in the resumption ring: a job that waited
+// behind a long queue keeps one queued event, not one per place it moved up;
+// live subscribers still get each position, and a resume still works.
+func TestHubRingKeepsOnlyTheLatestPosition(t *testing.T) {
+	h := NewHub()
+	first := h.Publish("j", schema.Event{Type: schema.EventQueued, Position: ptr(500)})
+	ch, cancel, err := h.Subscribe("j", first.Seq, false, func() (*schema.Job, error) {
+		t.Fatal("snapshot built although the events are buffered")
+		return nil, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	for p := 499; p >= 0; p-- {
+		h.Publish("j", schema.Event{Type: schema.EventQueued, Position: ptr(p)})
+		if ev := recv(t, ch); ev.Type != schema.EventQueued || *ev.Position != p {
+			t.Fatalf("live subscriber got %+v, want position %d", ev, p)
+		}
+	}
+	d := h.Publish("j", schema.Event{Type: schema.EventDispatched, Node: "n1"})
+	h.mu.Lock()
+	ring := append([]schema.Event(nil), h.streams["j"].ring...)
+	h.mu.Unlock()
+	if len(ring) != 2 || ring[0].Type != schema.EventQueued || *ring[0].Position != 0 || ring[1].Seq != d.Seq {
+		t.Fatalf("ring holds %d events: %+v", len(ring), ring)
+	}
+	// A client that saw the last position resumes with what followed it.
+	ch2, cancel2, err := h.Subscribe("j", ring[0].Seq, false, func() (*schema.Job, error) {
+		t.Fatal("snapshot built although the events are buffered")
+		return nil, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel2()
+	if ev := recv(t, ch2); ev.Type != schema.EventDispatched || ev.Seq != d.Seq {
+		t.Fatalf("resumed with %+v", ev)
+	}
+}

@@ -88,3 +88,28 @@ func BenchmarkFarmBusyFraction(b *testing.B) {
 	}
 	b.ReportMetric(100*busy/float64(b.N), "busy-%")
 }
+
+// BenchmarkFarmSubmitDeepQueue measures Submit with 5,000 jobs of three
+// frontends already waiting (the node is held, so nothing leaves the queue):
+// validation, the insert, and recomputing every waiting job's position.
+func BenchmarkFarmSubmitDeepQueue(b *testing.B) {
+	e, stop := benchEnv(b, []comfytest.Options{sdOptions()})
+	defer stop()
+	e.farm.mu.Lock()
+	e.farm.onSchedule = nil // the tests' record of every pass would dominate
+	e.farm.mu.Unlock()
+	e.holdAll()
+	fronts := []string{"alpha", "beta", "logo"}
+	g := sdGraph(ckptXL, 1, 1)
+	for i := 0; i < 5000; i++ {
+		if _, err := e.farm.Submit(context.Background(), schema.SubmitParams{Frontend: fronts[i%3], UserID: "deep", Workflow: g}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := e.farm.Submit(context.Background(), schema.SubmitParams{Frontend: fronts[i%3], UserID: "deep", Workflow: g}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

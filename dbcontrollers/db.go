@@ -361,7 +361,12 @@ func openMySQL(ctx context.Context, cfg Config, name string) (*DB, error) {
 // transaction holds the write lock from its start, so a transaction must not
 // wait on another transaction of the same database.
 func InTx(ctx context.Context, db *DB, fn func(tx *sqlx.Tx) error) (err error) {
-	tx, err := db.BeginTxx(ctx, nil)
+	return inTxOpts(ctx, db, nil, fn)
+}
+
+// inTxOpts is InTx with transaction options (an isolation level, say).
+func inTxOpts(ctx context.Context, db *DB, opts *sql.TxOptions, fn func(tx *sqlx.Tx) error) (err error) {
+	tx, err := db.BeginTxx(ctx, opts)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
@@ -444,10 +449,15 @@ func retryable(err error) bool {
 // inTxRetry is InTx for the package's own short transactions: a deadlock or
 // busy error runs the transaction again, a few times.
 func inTxRetry(ctx context.Context, db *DB, fn func(tx *sqlx.Tx) error) error {
+	return inTxRetryOpts(ctx, db, nil, fn)
+}
+
+// inTxRetryOpts is inTxRetry with transaction options.
+func inTxRetryOpts(ctx context.Context, db *DB, opts *sql.TxOptions, fn func(tx *sqlx.Tx) error) error {
 	const attempts = 4
 	var err error
 	for i := 0; i < attempts; i++ {
-		if err = InTx(ctx, db, fn); err == nil || !retryable(err) {
+		if err = inTxOpts(ctx, db, opts, fn); err == nil || !retryable(err) {
 			return err
 		}
 		if ctx.Err() != nil {

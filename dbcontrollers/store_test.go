@@ -593,6 +593,54 @@ func TestJobRescueConcurrent(t *testing.T) {
 	})
 }
 
+// On MySQL the rescuer neither waits for a job another transaction holds
+// (a claim or an update in progress) nor blocks on it: it takes the other
+// expired jobs and leaves that one for its next round.
+func TestJobRescueSkipsLockedJob(t *testing.T) {
+	t.Parallel()
+	cfg := dbtest.MySQL(t)
+	ctx := testContext(t)
+	s := openStore(t, cfg)
+	var ids []string
+	for i := 0; i < 3; i++ {
+		j := mustInsert(t, s, newJob("style", "u", 0))
+		if _, err := s.JobClaim(ctx, dbcontrollers.ClaimParams{ID: j.ID, Node: "n", Owner: "o", LeaseUntil: time.Now().Add(-time.Minute)}); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.ID)
+	}
+	tx, err := s.DB().BeginTxx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	var id string
+	if err := tx.GetContext(ctx, &id, "SELECT id FROM jobs WHERE id = ? FOR UPDATE", ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	// InnoDB's lock wait is 50 s: a rescuer that waited would miss this.
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	rq, fl, err := s.JobRescue(rctx, time.Now(), 3)
+	if err != nil {
+		t.Fatalf("rescue beside a held job: %v", err)
+	}
+	got := map[string]bool{}
+	for _, j := range append(rq, fl...) {
+		got[j.ID] = true
+	}
+	if len(got) != 2 || !got[ids[0]] || !got[ids[2]] {
+		t.Fatalf("rescued %v, want %s and %s", got, ids[0], ids[2])
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	rq, _, err = s.JobRescue(ctx, time.Now(), 3)
+	if err != nil || len(rq) != 1 || rq[0].ID != ids[1] {
+		t.Fatalf("next round: %v, %v; want %s", rq, err, ids[1])
+	}
+}
+
 func TestJobListPagination(t *testing.T) {
 	t.Parallel()
 	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {

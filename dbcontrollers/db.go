@@ -3,13 +3,17 @@ package dbcontrollers
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/go-sql-driver/mysql"
@@ -431,6 +435,38 @@ const (
 	mysqlErrLockWait = 1205
 	mysqlErrDeadlock = 1213
 )
+
+// Transient reports whether err says the database could not be reached or
+// could not finish for now — a broken or refused connection, the server
+// going away or shutting down, a lock race — so the same request may succeed
+// later. An error that is the database's answer (a constraint, a conflict, a
+// missing row, a bad statement) is not transient.
+func Transient(err error) bool {
+	if err == nil {
+		return false
+	}
+	if retryable(err) {
+		return true
+	}
+	var me *mysql.MySQLError
+	if errors.As(err, &me) {
+		switch me.Number {
+		case 1040, // too many connections
+			1053, // server shutdown in progress
+			1927, // connection killed
+			2006, // server has gone away
+			2013: // lost connection during query
+			return true
+		}
+		return false
+	}
+	var ne net.Error
+	var oe *net.OpError
+	return errors.Is(err, driver.ErrBadConn) || errors.Is(err, mysql.ErrInvalidConn) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.As(err, &oe) || (errors.As(err, &ne) && ne.Timeout())
+}
 
 // retryable reports whether a transaction failed only because it lost a lock
 // race and may simply be run again.

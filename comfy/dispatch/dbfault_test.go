@@ -2,6 +2,9 @@ package dispatch
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -179,4 +182,56 @@ func TestFarmFailsOnceThroughDatabaseOutage(t *testing.T) {
 		u, err := ctrl.UserGet(ctx, ctrl.DB(), "u-outage-err")
 		return err == nil && u.Credits == 5
 	})
+}
+
+// ackLost applies a job update but reports the connection lost, as when a
+// commit reaches the database and its acknowledgement does not.
+type ackLost struct {
+	JobStore
+	lose int
+}
+
+func (s *ackLost) JobUpdate(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error) {
+	job, err := s.JobStore.JobUpdate(ctx, u)
+	if err == nil && s.lose > 0 {
+		s.lose--
+		return nil, fmt.Errorf("update job %s: commit: %w", u.ID, mysql.ErrInvalidConn)
+	}
+	return job, err
+}
+
+// A retried end-of-run write whose first try did land is not mistaken for a
+// conflict with someone else: the caller learns it succeeded (and so tells
+// subscribers and refunds).
+func TestUpdateJobAfterLostAcknowledgement(t *testing.T) {
+	ctx := context.Background()
+	control, err := dbcontrollers.OpenControl(ctx, dbtest.SQLite(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer control.Close()
+	store := dbcontrollers.NewStore(control)
+	now := time.Now().UTC()
+	job := &schema.Job{ID: "01JACKLOST0000000000000000", Frontend: "alpha", UserID: "u", State: schema.JobQueued,
+		Workflow: sdGraph(ckptXL, 1, 1), Metadata: json.RawMessage(`{}`), CreatedAt: now, UpdatedAt: now}
+	if err := store.JobInsert(ctx, job); err != nil {
+		t.Fatal(err)
+	}
+	claimed, err := store.JobClaim(ctx, dbcontrollers.ClaimParams{ID: job.ID, Node: "n1", Owner: "me", LeaseUntil: now.Add(time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &Farm{store: &ackLost{JobStore: store, lose: 1}, log: testLogger(), cfg: FarmConfig{NowFunc: time.Now}}
+	u := dbcontrollers.JobUpdate{ID: job.ID, From: activeStates, State: schema.JobFailed, Attempt: &claimed.Attempts,
+		Error: &schema.JobError{Code: schema.CodeExecutionError, Message: "boom"}, FinishedAt: ptr(now), ClearLease: true}
+	got, err := f.updateJob(ctx, u)
+	if err != nil || got == nil || got.State != schema.JobFailed {
+		t.Fatalf("updateJob = %+v, %v; want the failed job", got, err)
+	}
+	// A conflict with another writer stays a conflict.
+	u.State, u.From = schema.JobSucceeded, []schema.JobState{schema.JobStoring}
+	f.store = &ackLost{JobStore: store, lose: 0}
+	if _, err := f.updateJob(ctx, u); !errors.Is(err, schema.ErrConflict) {
+		t.Fatalf("a real conflict: %v", err)
+	}
 }

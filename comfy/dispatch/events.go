@@ -18,11 +18,15 @@ func (r *runner) handle(ev comfy.Event) {
 	case *comfy.Connected:
 		if e.Reconnect {
 			// Whatever happened while we were away is recovered from the
-			// node's queue and history, never assumed.
+			// node's queue and history, never assumed. The node may have
+			// been restarted, upgraded or given other custom nodes: its
+			// features and catalogue are read again.
 			r.farm.wg.Add(1)
 			go func() {
 				defer r.farm.wg.Done()
 				r.reconcile(ctx, true)
+				r.client.ForgetFeatures()
+				r.learn(ctx)
 			}()
 		}
 		return

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -132,8 +133,9 @@ type Farm struct {
 	unrunnable map[string]time.Time
 	rr         uint64 // round robin tie-break among equally good nodes
 
-	rmu     sync.RWMutex // guards runners; never held while calling the registry
-	runners map[string]*runner
+	rmu      sync.RWMutex // guards runners and retiring; never held while calling the registry
+	runners  map[string]*runner
+	retiring map[*runner]bool // removed nodes' runners while jobs of theirs still store outputs
 
 	lmu    sync.Mutex
 	leased map[string]bool // jobs finishing off any runner whose leases the heartbeat keeps
@@ -165,6 +167,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		unrunnable: make(map[string]time.Time),
 		leased:     make(map[string]bool),
 		runners:    make(map[string]*runner),
+		retiring:   make(map[*runner]bool),
 		kick:       make(chan struct{}, 1),
 		started:    make(chan struct{}),
 	}
@@ -400,8 +403,18 @@ func (f *Farm) position(id string) (int, bool) {
 // reports whether they are fresh (extended now, or none to extend).
 func (f *Farm) heartbeat(ctx context.Context) bool {
 	var ids []string
-	for _, r := range f.runnerList() {
-		ids = append(ids, r.activeIDs()...)
+	f.rmu.Lock()
+	runners := slices.Collect(maps.Values(f.runners))
+	for r := range f.retiring {
+		if r.jobCount() == 0 {
+			delete(f.retiring, r)
+			continue
+		}
+		runners = append(runners, r)
+	}
+	f.rmu.Unlock()
+	for _, r := range runners {
+		ids = append(ids, r.leaseIDs()...)
 	}
 	f.lmu.Lock()
 	for id := range f.leased {

@@ -28,6 +28,11 @@ func (f *Farm) updateJob(ctx context.Context, u dbcontrollers.JobUpdate) (*schem
 	wait := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		job, err := f.store.JobUpdate(ctx, u)
+		if attempt > 1 && errors.Is(err, schema.ErrConflict) {
+			if done, ok := f.landed(ctx, u); ok {
+				return done, nil
+			}
+		}
 		if !unanswered(ctx, err) {
 			return job, err
 		}
@@ -41,13 +46,24 @@ func (f *Farm) updateJob(ctx context.Context, u dbcontrollers.JobUpdate) (*schem
 	}
 }
 
-// unanswered reports whether err is a database error that is not the
-// database's answer (a conflict, a missing job, invalid input): the database
-// was not reached, or failed, and asking again may work.
+// unanswered reports whether err says the database was not reached or could
+// not finish for now (dbcontrollers.Transient), while ctx still runs: asking
+// again may work. The database's answers (a conflict, a missing job, a
+// constraint) are final.
 func unanswered(ctx context.Context, err error) bool {
-	var verr *schema.ValidationError
-	return err != nil && ctx.Err() == nil && !errors.Is(err, schema.ErrConflict) &&
-		!errors.Is(err, schema.ErrNotFound) && !errors.As(err, &verr)
+	return err != nil && ctx.Err() == nil && dbcontrollers.Transient(err)
+}
+
+// landed reports whether a compare-and-set that conflicted after an
+// unanswered try had in fact been applied by that try (the commit reached the
+// database, its acknowledgement did not): the job is in the state u asked
+// for, at u's attempt.
+func (f *Farm) landed(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, bool) {
+	job, err := f.store.JobGet(ctx, u.ID)
+	if err != nil || u.State == "" || job.State != u.State || (u.Attempt != nil && job.Attempts != *u.Attempt) {
+		return nil, false
+	}
+	return job, true
 }
 
 // markRunning records that the node started a's prompt.
@@ -76,6 +92,9 @@ func (f *Farm) markRunning(ctx context.Context, r *runner, a *active) {
 
 // finishFailed ends a job as failed: no retry.
 func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *schema.JobError) {
+	// The job's lease is kept until its end is written, also while the
+	// runner no longer follows it: the rescuer must not run it again.
+	f.keepLease(ref.id, true)
 	if r != nil {
 		r.forget(ref)
 		r.mu.Lock()
@@ -90,18 +109,19 @@ func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *sc
 	if unanswered(ctx, err) {
 		// The database is away. Finish the job when it is back, off the
 		// caller's goroutine (often a node's event stream, which must not
-		// stall); meanwhile its lease is kept, so the rescuer does not run it
-		// again.
-		f.keepLease(ref.id, true)
+		// stall) and under the farm's context, not the caller's (a removed
+		// node's runner stops, the job's end must still be written).
+		fctx := f.ctx
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
 			defer f.keepLease(ref.id, false)
-			job, err := f.updateJob(ctx, u)
-			f.failed(ctx, ref.id, job, err, jerr)
+			job, err := f.updateJob(fctx, u)
+			f.failed(fctx, ref.id, job, err, jerr)
 		}()
 		return
 	}
+	f.keepLease(ref.id, false)
 	f.failed(ctx, ref.id, job, err, jerr)
 }
 
@@ -118,8 +138,8 @@ func (f *Farm) failed(ctx context.Context, id string, job *schema.Job, err error
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
 }
 
-// keepLease adds a job that no runner follows any more, but whose end is not
-// written yet, to the heartbeat (on), or takes it out (off).
+// keepLease adds a job whose end is being written to the heartbeat (on), or
+// takes it out (off), whether or not a runner still follows it.
 func (f *Farm) keepLease(id string, on bool) {
 	f.lmu.Lock()
 	defer f.lmu.Unlock()
@@ -332,6 +352,9 @@ func (f *Farm) nodeChanged(ctx context.Context, ch NodeChange) {
 		f.rmu.Lock()
 		r := f.runners[ch.Name]
 		delete(f.runners, ch.Name)
+		if r != nil {
+			f.retiring[r] = true // its finishing jobs keep their leases
+		}
 		f.rmu.Unlock()
 		if r == nil {
 			break

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"path"
 	"slices"
 	"sync"
@@ -251,6 +252,21 @@ func (r *runner) activeIDs() []string {
 		}
 	}
 	return ids
+}
+
+// leaseIDs lists every job the runner follows, those it gave up on whose
+// prompt still holds the node included (a timed-out job is failed only
+// after its interrupt): their leases must not run out meanwhile.
+func (r *runner) leaseIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Collect(maps.Keys(r.jobs))
+}
+
+func (r *runner) jobCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.jobs)
 }
 
 // reserve counts a claimed job against the node before it is posted.

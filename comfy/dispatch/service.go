@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/jmoiron/sqlx"
@@ -70,8 +71,8 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 	if len(g.OutputNodes(f.isOutputClass)) == 0 {
 		return nil, schema.Invalid("workflow", "has no output node (SaveImage or similar)")
 	}
-	if missing := f.unknownClasses(g.ClassTypes()); len(missing) > 0 {
-		return nil, fmt.Errorf("%w: no node offers %s", schema.ErrNoNode, strings.Join(missing, ", "))
+	if missing := f.missingClasses(g.ClassTypes()); len(missing) > 0 {
+		return nil, fmt.Errorf("%w: no node offers all of its node classes; the closest lacks %s", schema.ErrNoNode, strings.Join(missing, ", "))
 	}
 	if p.IdempotencyKey != "" {
 		if len(p.IdempotencyKey) > 128 {
@@ -145,32 +146,38 @@ func (f *Farm) isOutputClass(class string) bool {
 	return false
 }
 
-// unknownClasses lists class types that no node with a known catalogue
-// offers. When no catalogue is known yet nothing is refused.
-func (f *Farm) unknownClasses(classes []string) []string {
-	var cats []map[string]bool
+// missingClasses says what keeps the nodes with a known catalogue from
+// running a workflow of these classes: nil when one node offers them all, or
+// when no catalogue is known yet; otherwise the classes that the closest
+// node (the one missing fewest) lacks. One node must offer all of them: a
+// prompt runs on one node.
+func (f *Farm) missingClasses(classes []string) []string {
+	var best []string
+	known := false
 	for _, r := range f.runnerList() {
-		if c := r.knownClasses(); c != nil {
-			cats = append(cats, c)
+		cat := r.knownClasses()
+		if cat == nil {
+			continue
 		}
-	}
-	if len(cats) == 0 {
-		return nil
-	}
-	var missing []string
-	for _, c := range classes {
-		found := false
-		for _, cat := range cats {
-			if _, ok := cat[c]; ok {
-				found = true
-				break
+		known = true
+		var miss []string
+		for _, c := range classes {
+			if _, ok := cat[c]; !ok {
+				miss = append(miss, c)
 			}
 		}
-		if !found {
-			missing = append(missing, c)
+		if len(miss) == 0 {
+			return nil
+		}
+		if best == nil || len(miss) < len(best) {
+			best = miss
 		}
 	}
-	return missing
+	if !known {
+		return nil
+	}
+	slices.Sort(best)
+	return best
 }
 
 // replay answers a submit whose Idempotency-Key names an earlier job: that

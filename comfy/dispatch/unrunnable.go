@@ -10,16 +10,16 @@ import (
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
-// failUnrunnable fails queued jobs that no registered node can run: their
-// workflow uses a class missing from every known node catalogue, for longer
-// than StallTimeout. Submit refuses such workflows at once; this catches the
-// ones that became unrunnable while waiting (the node that offered a custom
-// class was removed, or came back without it), which would otherwise hold
-// their place, and their credits, for ever.
+// failUnrunnable fails queued jobs that no registered node can run: no node
+// with a known catalogue offers every class of the workflow, for longer than
+// StallTimeout. Submit refuses such workflows at once; this catches the ones
+// that became unrunnable while waiting (the node that offered a custom class
+// was removed), which would otherwise hold their place, and their credits,
+// for ever.
 //
 // While any registered node's catalogue is unknown (no node registered, or
 // one has not answered yet) nothing is failed: that node may offer the
-// class, so jobs wait.
+// classes, so jobs wait.
 func (f *Farm) failUnrunnable(ctx context.Context) {
 	known := len(f.runnerList()) > 0
 	for _, r := range f.runnerList() {
@@ -44,7 +44,7 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 		}
 	}
 	for id, pj := range f.queue.byID {
-		missing := f.unknownClasses(pj.Classes)
+		missing := f.missingClasses(pj.Classes)
 		if len(missing) == 0 {
 			delete(f.unrunnable, id)
 			continue
@@ -61,7 +61,6 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 	}
 	for _, d := range due {
 		f.queue.Remove(d.pj.ID)
-		delete(f.unrunnable, d.pj.ID)
 	}
 	f.mu.Unlock()
 	if len(due) == 0 {
@@ -72,28 +71,42 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 	for _, d := range due {
 		jerr := &schema.JobError{
 			Code:    schema.CodeNoNode,
-			Message: fmt.Sprintf("no registered node offers %s", strings.Join(d.missing, ", ")),
+			Message: fmt.Sprintf("no registered node offers all of its node classes; the closest lacks %s", strings.Join(d.missing, ", ")),
 			Details: map[string]any{"classes": d.missing},
 		}
-		job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		u := dbcontrollers.JobUpdate{
 			ID: d.pj.ID, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed,
 			Error: jerr, FinishedAt: ptr(now.UTC()),
-		})
-		if err != nil {
-			if !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound) {
-				// Still queued in the database: keep it, and try again later.
-				f.log.Error("fail unrunnable job", "job_id", d.pj.ID, "err", err)
-				back = append(back, d.pj)
-			}
-			continue // cancelled meanwhile
 		}
-		f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
-		f.refund(ctx, job)
-		f.hub.Publish(job.ID, schema.Event{Type: schema.EventFailed, Error: jerr})
+		job, err := f.store.JobUpdate(ctx, u)
+		if errors.Is(err, schema.ErrConflict) {
+			// Cancelled meanwhile, or failed by an earlier try whose answer
+			// was lost.
+			if done, ok := f.landed(ctx, u); ok && done.Error != nil && done.Error.Code == schema.CodeNoNode {
+				job, err = done, nil
+			}
+		}
+		switch {
+		case err == nil:
+			f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+			f.refund(ctx, job)
+			f.hub.Publish(job.ID, schema.Event{Type: schema.EventFailed, Error: job.Error})
+		case !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound):
+			// Still queued in the database: keep it (its wait is over, so
+			// the next round tries again).
+			if ctx.Err() == nil {
+				f.log.Error("fail unrunnable job", "job_id", d.pj.ID, "err", err)
+			}
+			back = append(back, d.pj)
+		}
 	}
 	f.mu.Lock()
+	for _, d := range due {
+		delete(f.unrunnable, d.pj.ID)
+	}
 	for _, pj := range back {
 		f.queue.Push(pj)
+		f.unrunnable[pj.ID] = now.Add(-f.cfg.StallTimeout)
 	}
 	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.publishPositionsLocked()

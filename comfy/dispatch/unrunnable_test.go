@@ -3,6 +3,8 @@ package dispatch
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,4 +103,62 @@ func TestFarmFailsJobNoNodeCanRun(t *testing.T) {
 	}
 	e.releaseAll()
 	e.waitState(ok.ID, schema.JobSucceeded, 30*time.Second)
+}
+
+// A prompt runs on one node, so a workflow whose classes are split between
+// two nodes (a custom class on each) can run nowhere: Submit refuses it, and
+// a queued one counts as unrunnable.
+func TestFarmClassesSplitAcrossNodes(t *testing.T) {
+	e := newFarmEnv(t, dbtest.SQLite(t), []comfytest.Options{sdOptions(), sdOptions()}, nil)
+	for _, name := range []string{"n1", "n2"} {
+		e.eventually(10*time.Second, name+" catalogue", func() bool {
+			r := e.farm.runner(name)
+			return r != nil && r.knownClasses() != nil
+		})
+	}
+	set := func(name string, classes ...string) {
+		r := e.farm.runner(name)
+		r.mu.Lock()
+		r.classes = map[string]bool{"SaveImage": true}
+		for _, c := range classes {
+			r.classes[c] = false
+		}
+		r.mu.Unlock()
+	}
+	set("n1", "CustomA", "Shared")
+	set("n2", "CustomB", "Shared")
+	both := json.RawMessage(`{"1":{"class_type":"CustomA","inputs":{}},"2":{"class_type":"CustomB","inputs":{"x":["1",0]}},` +
+		`"3":{"class_type":"SaveImage","inputs":{"images":["2",0],"filename_prefix":"x"}}}`)
+	_, err := e.farm.Submit(context.Background(), schema.SubmitParams{Frontend: "alpha", UserID: "split", Workflow: both})
+	if !errors.Is(err, schema.ErrNoNode) || !strings.Contains(err.Error(), "lacks Custom") {
+		t.Fatalf("submit of a split workflow: %v, want ErrNoNode naming what the closest node lacks", err)
+	}
+	if m := e.farm.missingClasses([]string{"CustomA", "Shared", "SaveImage"}); m != nil {
+		t.Errorf("n1 offers them all, missing = %v", m)
+	}
+	if m := e.farm.missingClasses([]string{"CustomA", "CustomB", "Gone1", "Gone2"}); len(m) != 3 {
+		t.Errorf("missing = %v, want the three the closest node lacks", m)
+	}
+}
+
+// After a node restarts (perhaps upgraded, perhaps with other custom nodes)
+// the farm reads its features and catalogue again.
+func TestFarmRereadsCatalogueAfterNodeRestart(t *testing.T) {
+	e := newFarmEnv(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil)
+	r := e.farm.runner("n1")
+	e.eventually(10*time.Second, "node catalogue", func() bool { return r.knownClasses() != nil })
+	r.mu.Lock()
+	r.classes = map[string]bool{"SomethingElse": false} // what the node offered before
+	r.mu.Unlock()
+	if err := e.fakes["n1"].Restart(); err != nil {
+		t.Fatal(err)
+	}
+	e.eventually(30*time.Second, "the catalogue read again", func() bool {
+		c := r.knownClasses()
+		_, ks := c["KSampler"]
+		_, old := c["SomethingElse"]
+		return ks && !old
+	})
+	j := e.submit("alpha", "after-restart", sdGraph(ckptXL, 1, 3), 0)
+	e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
 }

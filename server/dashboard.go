@@ -59,6 +59,9 @@ func (s *Server) dashboardData(c *fiber.Ctx) error {
 		if err != nil {
 			return err
 		}
+		if counts == nil {
+			counts = map[string]map[schema.JobState]int{}
+		}
 		// Every configured frontend has a row, with or without jobs; jobs of a
 		// frontend no longer configured keep theirs.
 		for _, fe := range s.deps.Frontends.Names() {

@@ -367,18 +367,19 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 // publishPositionsLocked pushes a queued event to every job whose position
 // changed since it was last told.
 func (f *Farm) publishPositionsLocked(dispatched ...string) {
-	pos := f.queue.Positions()
-	for id, p := range pos {
-		if old, ok := f.positions[id]; ok && old == p {
+	for p, pj := range f.queue.Plan() {
+		if old, ok := f.positions[pj.ID]; ok && old == p {
 			continue
 		}
-		f.positions[id] = p
-		p := p
-		f.hub.Publish(id, schema.Event{Type: schema.EventQueued, Position: &p})
+		f.positions[pj.ID] = p
+		pos := p // escapes only when published
+		f.hub.Publish(pj.ID, schema.Event{Type: schema.EventQueued, Position: &pos})
 	}
-	for id := range f.positions {
-		if _, ok := pos[id]; !ok {
-			delete(f.positions, id)
+	if len(f.positions) > f.queue.Len() {
+		for id := range f.positions {
+			if !f.queue.Has(id) {
+				delete(f.positions, id)
+			}
 		}
 	}
 	if f.onSchedule != nil {

@@ -105,45 +105,49 @@ func (q *fairQueue) Remove(id string) *pendingJob {
 }
 
 // Plan returns every queued job in the order the scheduler will start them,
-// assuming any node can run any job.
+// assuming any node can run any job. It runs in O(jobs × frontends) on
+// slices indexed by frontend (it is recomputed at every scheduling pass and
+// every submit, over queues thousands long).
 func (q *fairQueue) Plan() []*pendingJob {
-	credit := make(map[string]int, len(q.jobs))
-	served := make(map[string]uint64, len(q.jobs))
-	heads := make(map[string]int, len(q.jobs))
 	names := make([]string, 0, len(q.jobs))
 	for f := range q.jobs {
-		credit[f] = q.credit[f]
-		served[f] = q.served[f]
 		names = append(names, f)
 	}
 	sort.Strings(names)
+	k := len(names)
+	lists := make([][]*pendingJob, k)
+	credit := make([]int, k)
+	served := make([]uint64, k)
+	weight := make([]int, k)
+	heads := make([]int, k)
+	for i, f := range names {
+		lists[i], credit[i], served[i], weight[i] = q.jobs[f], q.credit[f], q.served[f], q.weight(f)
+	}
 	out := make([]*pendingJob, 0, len(q.byID))
 	picks := q.picks
 	for len(out) < len(q.byID) {
-		f := pickFrontend(names, heads, q.jobs, credit, served, q.weight)
+		i := pickFrontend(lists, heads, credit, served, weight)
 		picks++
-		served[f] = picks
-		out = append(out, q.jobs[f][heads[f]])
-		heads[f]++
+		served[i] = picks
+		out = append(out, lists[i][heads[i]])
+		heads[i]++
 	}
 	return out
 }
 
 // pickFrontend runs one step of smooth weighted round robin over the
-// frontends that still have jobs past their head index.
-func pickFrontend(names []string, heads map[string]int, jobs map[string][]*pendingJob,
-	credit map[string]int, served map[string]uint64, weight func(string) int) string {
+// frontends (by index) that still have jobs past their head index.
+func pickFrontend(lists [][]*pendingJob, heads, credit []int, served []uint64, weight []int) int {
 	total := 0
-	best := ""
-	for _, f := range names {
-		if heads[f] >= len(jobs[f]) {
+	best := -1
+	for i := range lists {
+		if heads[i] >= len(lists[i]) {
 			continue
 		}
-		w := weight(f)
-		total += w
-		credit[f] += w
-		if best == "" || credit[f] > credit[best] || (credit[f] == credit[best] && served[f] < served[best]) {
-			best = f
+		total += weight[i]
+		credit[i] += weight[i]
+		if best < 0 || credit[i] > credit[best] || (credit[i] == credit[best] && served[i] < served[best]) {
+			best = i
 		}
 	}
 	credit[best] -= total

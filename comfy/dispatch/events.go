@@ -63,6 +63,10 @@ func (r *runner) handle(ev comfy.Event) {
 		if zombie {
 			return
 		}
+		// A socket that connected after the prompt started (or reconnected
+		// without a reconcile yet) sees no execution_start: progress says
+		// it runs all the same, and job_timeout counts from here.
+		r.farm.markRunning(ctx, r, a)
 		node := e.Node
 		p := schema.NewProgress(node, e.Value, e.Max)
 		r.mu.Lock()
@@ -74,6 +78,7 @@ func (r *runner) handle(ev comfy.Event) {
 		r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventProgress, NodeID: p.NodeID, Value: &p.Value, Max: &p.Max, Percent: &p.Percent})
 	case *comfy.Executed:
 		if !zombie {
+			r.farm.markRunning(ctx, r, a)
 			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventExecuted, NodeID: e.Node})
 		}
 	case *comfy.Preview:

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 
+	"github.com/comfyfarm/comfyfarm/comfy"
 	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers/dbtest"
@@ -160,5 +161,42 @@ func TestFarmRereadsCatalogueAfterNodeRestart(t *testing.T) {
 		return ks && !old
 	})
 	j := e.submit("alpha", "after-restart", sdGraph(ckptXL, 1, 3), 0)
+	e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
+}
+
+// A stream that missed the prompt's start (it connected, or reconnected,
+// while the prompt ran) still learns from progress that the job runs: the
+// job shows running, and job_timeout counts.
+func TestFarmProgressMeansRunning(t *testing.T) {
+	e := newFarmEnv(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil)
+	node := e.fakes["n1"]
+	node.Hold()
+	j := e.submit("alpha", "late-socket", sdGraph(ckptXL, 3, 5), 0)
+	e.waitState(j.ID, schema.JobDispatched, 10*time.Second)
+	r := e.farm.runner("n1")
+	var pid string
+	e.eventually(10*time.Second, "the prompt posted", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for p, a := range r.byPrompt {
+			if a.jobID == j.ID && !a.posting {
+				pid = p
+				return true
+			}
+		}
+		return false
+	})
+	r.handle(&comfy.Progress{PromptID: pid, Node: "3", Value: 1, Max: 3})
+	got := e.waitState(j.ID, schema.JobRunning, 10*time.Second)
+	if got.StartedAt == nil {
+		t.Fatal("running without started_at")
+	}
+	r.mu.Lock()
+	since := r.byPrompt[pid].runSince
+	r.mu.Unlock()
+	if since.IsZero() {
+		t.Fatal("job_timeout does not count")
+	}
+	node.Release()
 	e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
 }

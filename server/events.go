@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/contrib/websocket"
@@ -32,7 +33,41 @@ type streamReq struct {
 	frontend string
 	after    int64
 	previews bool
+	token    bool // authorised by the job's events token, not a key
 }
+
+// maxTokenStreamsPerJob bounds the streams open at once on one job's events
+// token. Keyed streams count against the key's rate limit instead; a token
+// is not limited that way, and whoever holds one could otherwise open
+// streams without end.
+const maxTokenStreamsPerJob = 32
+
+// streamSlots counts the token streams open per job.
+type streamSlots struct {
+	mu   sync.Mutex
+	open map[string]int
+}
+
+func (s *streamSlots) take(jobID string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open[jobID] >= maxTokenStreamsPerJob {
+		return false
+	}
+	s.open[jobID]++
+	return true
+}
+
+func (s *streamSlots) give(jobID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open[jobID]--; s.open[jobID] <= 0 {
+		delete(s.open, jobID)
+	}
+}
+
+var errTooManyStreams = newAPIError(http.StatusTooManyRequests, "rate_limited",
+	"too many event streams are open on this job's token; close one first")
 
 // events serves GET /api/v1/jobs/{id}/events: a WebSocket when the request
 // asks for an upgrade, Server-Sent Events when it accepts text/event-stream.
@@ -66,6 +101,8 @@ func (s *Server) events(c *fiber.Ctx) error {
 		}
 	} else if req.frontend, err = s.tokens.check(c.Query("token"), id); err != nil {
 		return tokenError(err)
+	} else {
+		req.token = true
 	}
 	if req.after, err = resumeAfter(c); err != nil {
 		return err
@@ -147,10 +184,19 @@ func (s *Server) keepAlive(jobID string, last int64) schema.Event {
 // sse streams events as Server-Sent Events: "id: seq", "event: type",
 // "data: the JSON object", and ": keepalive" comment lines.
 func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
+	if req.token && !s.slots.take(req.jobID) {
+		return errTooManyStreams
+	}
+	release := func() {
+		if req.token {
+			s.slots.give(req.jobID)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ch, unsubscribe, err := jobs.Subscribe(ctx, req.jobID, req.after, req.previews)
 	if err != nil {
 		cancel()
+		release()
 		return err
 	}
 	c.Set(fiber.HeaderContentType, "text/event-stream; charset=utf-8")
@@ -159,6 +205,7 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 	c.Status(http.StatusOK)
 	s.metrics.streams.WithLabelValues("sse").Inc()
 	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer release()
 		defer s.metrics.streams.WithLabelValues("sse").Dec()
 		defer cancel()
 		defer unsubscribe()
@@ -248,6 +295,13 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 	if err != nil {
 		closeCode, closeText = websocket.CloseTryAgainLater, "not ready"
 		return
+	}
+	if req.token {
+		if !s.slots.take(req.jobID) {
+			closeCode, closeText = websocket.ClosePolicyViolation, "too many event streams on this job's token"
+			return
+		}
+		defer s.slots.give(req.jobID)
 	}
 	ch, unsubscribe, err := jobs.Subscribe(ctx, req.jobID, req.after, req.previews)
 	if err != nil {

@@ -547,3 +547,57 @@ func TestToken(t *testing.T) {
 		t.Fatalf("expired: %v", err)
 	}
 }
+
+// One job's events token opens at most maxTokenStreamsPerJob streams at
+// once: SSE beyond it is 429, a WebSocket is closed with a policy
+// violation; a closed stream frees its place. Keyed streams do not count.
+func TestEventsTokenStreamCap(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t))
+	feeds := subscriptions(b)
+	job := b.jobs.add("style", "u1", schema.JobQueued)
+	token := b.srv.tokens.mint(job.ID, "style")
+	path := "/api/v1/jobs/" + job.ID + "/events?token=" + url.QueryEscape(token)
+	var open []*feed
+	for i := 0; i < maxTokenStreamsPerJob; i++ {
+		res, _ := openSSE(t, b, path, nil)
+		if res.StatusCode != 200 {
+			t.Fatalf("stream %d: %d", i+1, res.StatusCode)
+		}
+		open = append(open, nextFeed(t, feeds))
+	}
+	res, _ := openSSE(t, b, path, nil)
+	if res.StatusCode != 429 {
+		t.Fatalf("stream %d: %d, want 429", maxTokenStreamsPerJob+1, res.StatusCode)
+	}
+	conn, _, err := dialWS(t, b, path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(wait))
+	_, _, err = conn.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != websocket.ClosePolicyViolation {
+		t.Fatalf("websocket beyond the cap: %v, want close 1008", err)
+	}
+	conn.Close()
+	// A keyed stream is not counted.
+	if res, _ := openSSE(t, b, "/api/v1/jobs/"+job.ID+"/events", map[string]string{"Authorization": "Bearer " + styleKey}); res.StatusCode != 200 {
+		t.Fatalf("keyed stream: %d", res.StatusCode)
+	}
+	nextFeed(t, feeds)
+	// A stream that ends frees its place.
+	open[0].send(t, schema.Event{Seq: 1, Type: schema.EventCancelled, JobID: job.ID})
+	waitCancelled(t, open[0])
+	deadline := time.Now().Add(wait)
+	for {
+		res, _ := openSSE(t, b, path, nil)
+		if res.StatusCode == 200 {
+			break
+		}
+		res.Body.Close()
+		if time.Now().After(deadline) {
+			t.Fatalf("a closed stream's place was not freed: %d", res.StatusCode)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

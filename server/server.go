@@ -129,6 +129,7 @@ type Server struct {
 	wsUpgrade fiber.Handler
 
 	done     chan struct{} // closed on shutdown: event streams end
+	slots    streamSlots   // token streams per job
 	doneOnce sync.Once
 	stopErr  error // of the one app shutdown
 }
@@ -185,6 +186,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		tokens:  &tokenSigner{key: cfg.TokenSecret, ttl: cfg.TokenTTL, now: cfg.NowFunc},
 		metrics: metrics,
 		done:    make(chan struct{}),
+		slots:   streamSlots{open: map[string]int{}},
 	}
 	s.app = fiber.New(fiber.Config{
 		AppName:               "comfyfarm",

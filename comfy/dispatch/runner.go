@@ -242,18 +242,6 @@ func (r *runner) assigned(seq uint64) {
 	r.mu.Unlock()
 }
 
-func (r *runner) activeIDs() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	ids := make([]string, 0, len(r.jobs))
-	for id, a := range r.jobs {
-		if !a.zombie {
-			ids = append(ids, id)
-		}
-	}
-	return ids
-}
-
 // leaseIDs lists every job the runner follows, those it gave up on whose
 // prompt still holds the node included (a timed-out job is failed only
 // after its interrupt): their leases must not run out meanwhile.

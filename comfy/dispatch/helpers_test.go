@@ -1,0 +1,14 @@
+package dispatch
+
+// activeIDs lists the jobs the runner follows and has not given up on.
+func (r *runner) activeIDs() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.jobs))
+	for id, a := range r.jobs {
+		if !a.zombie {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}

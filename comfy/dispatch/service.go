@@ -152,14 +152,29 @@ func (f *Farm) isOutputClass(class string) bool {
 // node (the one missing fewest) lacks. One node must offer all of them: a
 // prompt runs on one node.
 func (f *Farm) missingClasses(classes []string) []string {
-	var best []string
-	known := false
-	for _, r := range f.runnerList() {
-		cat := r.knownClasses()
-		if cat == nil {
-			continue
+	cats, _ := f.catalogues()
+	return missingIn(cats, classes)
+}
+
+// catalogues returns the known node catalogues, and whether every registered
+// node's is known (false too when no node is registered).
+func (f *Farm) catalogues() (cats []map[string]bool, all bool) {
+	runners := f.runnerList()
+	all = len(runners) > 0
+	for _, r := range runners {
+		if c := r.knownClasses(); c != nil {
+			cats = append(cats, c)
+		} else {
+			all = false
 		}
-		known = true
+	}
+	return cats, all
+}
+
+// missingIn is missingClasses over given catalogues.
+func missingIn(cats []map[string]bool, classes []string) []string {
+	var best []string
+	for _, cat := range cats {
 		var miss []string
 		for _, c := range classes {
 			if _, ok := cat[c]; !ok {
@@ -172,9 +187,6 @@ func (f *Farm) missingClasses(classes []string) []string {
 		if best == nil || len(miss) < len(best) {
 			best = miss
 		}
-	}
-	if !known {
-		return nil
 	}
 	slices.Sort(best)
 	return best

@@ -21,10 +21,7 @@ import (
 // one has not answered yet) nothing is failed: that node may offer the
 // classes, so jobs wait.
 func (f *Farm) failUnrunnable(ctx context.Context) {
-	known := len(f.runnerList()) > 0
-	for _, r := range f.runnerList() {
-		known = known && r.knownClasses() != nil
-	}
+	cats, known := f.catalogues()
 	if !known {
 		f.mu.Lock()
 		clear(f.unrunnable) // the wait starts again once every catalogue is known
@@ -44,7 +41,7 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 		}
 	}
 	for id, pj := range f.queue.byID {
-		missing := f.missingClasses(pj.Classes)
+		missing := missingIn(cats, pj.Classes)
 		if len(missing) == 0 {
 			delete(f.unrunnable, id)
 			continue
@@ -88,9 +85,7 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 		}
 		switch {
 		case err == nil:
-			f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
-			f.refund(ctx, job)
-			f.hub.Publish(job.ID, schema.Event{Type: schema.EventFailed, Error: job.Error})
+			f.failed(ctx, job.ID, job, nil, job.Error)
 		case !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound):
 			// Still queued in the database: keep it (its wait is over, so
 			// the next round tries again).

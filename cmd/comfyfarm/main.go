@@ -58,13 +58,21 @@ func main() {
 	e := &env{stdout: os.Stdout, stderr: os.Stderr, environ: os.Environ()}
 	err := run(ctx, e, os.Args[1:])
 	stop()
+	os.Exit(exitCode(e.stderr, err))
+}
+
+// exitCode is the process's exit status for run's result, Go's convention:
+// 0 for success and for asked-for help (-h), 2 for a command-line mistake
+// (the usage is already printed), 1 for anything else, printed as one line.
+func exitCode(stderr io.Writer, err error) int {
 	switch {
-	case err == nil:
-	case errors.Is(err, errUsage), errors.Is(err, flag.ErrHelp):
-		os.Exit(2)
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
 	default:
-		fmt.Fprintln(os.Stderr, "comfyfarm:", err)
-		os.Exit(1)
+		fmt.Fprintln(stderr, "comfyfarm:", err)
+		return 1
 	}
 }
 

@@ -75,8 +75,10 @@ type app struct {
 
 // buildApp opens and wires every part: secrets, metrics, the control
 // database, the frontend registry, storage, the farm, the HTTP server.
-func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer) (a *app, err error) {
-	a = &app{cfg: cfg, log: log}
+func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer) (_ *app, err error) {
+	// a is not the named result: a failed build returns nil, and the deferred
+	// close must still reach what was opened.
+	a := &app{cfg: cfg, log: log}
 	defer func() {
 		if err != nil {
 			a.close()

@@ -15,7 +15,7 @@ func init() {
 }
 
 func cmdSim(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "sim", "--port N [--generation current|classic|legacy]")
+	fs := newFlagSet(e, "sim", "[--port N] [--host ADDR] [--generation current|classic|legacy]")
 	port := fs.Int("port", 8188, "port to listen on")
 	host := fs.String("host", "127.0.0.1", "address to listen on")
 	generation := fs.String("generation", "current", "ComfyUI protocol generation: current (v0.8), classic (v0.3.10) or legacy (2023)")

@@ -23,6 +23,7 @@ type Base struct {
 	db             *DB
 	initialCredits int64
 	costPerJob     int64
+	keepTemp       bool
 	accept         []string // media types, or "type/*" prefixes
 
 	// Dialect-specific clauses. lockRow and shareRow are appended to a
@@ -54,6 +55,7 @@ func NewBase(db *DB, fc FrontendConfig) (*Base, error) {
 		db:             db,
 		initialCredits: fc.InitialCredits,
 		costPerJob:     fc.CostPerJob,
+		keepTemp:       fc.KeepTempOutputs,
 		accept:         defaultAccept,
 	}
 	if v, ok := fc.Options["accept"]; ok {
@@ -107,6 +109,9 @@ func (b *Base) InitialCredits() int64 { return b.initialCredits }
 
 // CostPerJob is charged per job; 0 when the frontend does not charge.
 func (b *Base) CostPerJob() int64 { return b.costPerJob }
+
+// KeepTempOutputs reports whether temp (preview) files become photos too.
+func (b *Base) KeepTempOutputs() bool { return b.keepTemp }
 
 // AcceptOutput accepts the configured media types (by default any image,
 // video or audio).

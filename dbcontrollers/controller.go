@@ -21,6 +21,10 @@ type Controller interface {
 	// AcceptOutput refuses (schema.ErrUnsupportedMedia) an output media type
 	// the frontend does not keep.
 	AcceptOutput(contentType string) error
+	// KeepTempOutputs reports whether the frontend keeps a workflow's
+	// temporary files (ComfyUI's "temp" outputs: PreviewImage and the like)
+	// as photos too. By default only "output" files become photos.
+	KeepTempOutputs() bool
 
 	// UserUpsert creates the user (with the initial credits) or updates its
 	// profile (nickname, email, avatar_url), by ExternalID.
@@ -101,6 +105,8 @@ type FrontendConfig struct {
 	Database       string
 	InitialCredits int64
 	CostPerJob     int64
+	// KeepTempOutputs: temp (preview) files become photos too.
+	KeepTempOutputs bool
 	// Options are controller specific. Every controller but logo takes
 	// "accept": comma-separated media types or "type/*" patterns the
 	// frontend keeps (default "image/*,video/*,audio/*").

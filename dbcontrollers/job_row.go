@@ -68,6 +68,7 @@ type storedOutput struct {
 	SHA256      string `json:"sha256,omitempty"`
 	Filename    string `json:"filename,omitempty"`
 	NodeID      string `json:"node_id,omitempty"`
+	Preview     bool   `json:"preview,omitempty"`
 }
 
 func encodeInputs(in []schema.JobInput) (any, error) {

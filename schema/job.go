@@ -130,6 +130,9 @@ type Output struct {
 	SHA256      string `json:"sha256,omitempty"`
 	Filename    string `json:"filename"`
 	NodeID      string `json:"node_id"`
+	// Preview marks a temporary file of the workflow (ComfyUI's "temp"
+	// type, e.g. PreviewImage), kept only when the frontend asks for them.
+	Preview bool `json:"preview,omitempty"`
 }
 
 // JobError says why a job failed.

@@ -106,6 +106,9 @@ type FrontendConfig struct {
 	Weight     int               `yaml:"weight"`
 	Credits    CreditsConfig     `yaml:"credits"`
 	Options    map[string]string `yaml:"options"` // controller specific, e.g. accept: "image/*"
+	// KeepTempOutputs: ComfyUI's temp files (PreviewImage and the like)
+	// become photos too, marked as previews; by default only outputs do.
+	KeepTempOutputs bool `yaml:"keep_temp_outputs"`
 }
 
 // CreditsConfig: a frontend charges cost_per_job credits per job when > 0.

@@ -259,12 +259,13 @@ func (c *Config) frontendConfigs() []dbcontrollers.FrontendConfig {
 	for _, name := range slices.Sorted(maps.Keys(c.Frontends)) {
 		f := c.Frontends[name]
 		out = append(out, dbcontrollers.FrontendConfig{
-			Name:           name,
-			Controller:     f.Controller,
-			Database:       f.Database,
-			InitialCredits: f.Credits.Initial,
-			CostPerJob:     f.Credits.CostPerJob,
-			Options:        f.Options,
+			Name:            name,
+			Controller:      f.Controller,
+			Database:        f.Database,
+			InitialCredits:  f.Credits.Initial,
+			CostPerJob:      f.Credits.CostPerJob,
+			Options:         f.Options,
+			KeepTempOutputs: f.KeepTempOutputs,
 		})
 	}
 	return out

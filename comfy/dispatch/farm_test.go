@@ -102,6 +102,7 @@ func newFarmEnvWith(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.O
 		{Name: "logo", Controller: "logo"},
 		{Name: "alpha"},
 		{Name: "beta"},
+		{Name: "keeper", KeepTempOutputs: true},
 	})
 	if err != nil {
 		t.Fatal(err)

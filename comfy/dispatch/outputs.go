@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -100,13 +101,7 @@ func (f *Farm) copyOutputs(ctx context.Context, r *runner, job *schema.Job, entr
 	if err != nil {
 		return nil, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "frontend no longer configured"}}
 	}
-	var files []comfy.FileRef
-	for _, fr := range entry.Files() {
-		if fr.Type == "input" {
-			continue // a LoadImage echo, not something the job made
-		}
-		files = append(files, fr)
-	}
+	files := keptFiles(entry.Files(), ctrl.KeepTempOutputs())
 	var outputs []schema.Output
 	var photos []*schema.Photo
 	for _, fr := range files {
@@ -119,11 +114,16 @@ func (f *Farm) copyOutputs(ctx context.Context, r *runner, job *schema.Job, entr
 			r.log.Info("output refused by the frontend's controller", "job_id", job.ID, "content_type", obj.ContentType)
 			continue
 		}
+		meta := job.Metadata
+		if fr.Type == "temp" {
+			obj.Preview = true
+			meta = previewMetadata(meta)
+		}
 		outputs = append(outputs, obj)
 		photos = append(photos, &schema.Photo{
 			UserID: job.UserID, JobID: job.ID, OutputIndex: len(photos), ObjectKey: obj.Key,
 			ContentType: obj.ContentType, Width: obj.Width, Height: obj.Height, Bytes: obj.Bytes,
-			SHA256: obj.SHA256, Node: r.name, Metadata: job.Metadata,
+			SHA256: obj.SHA256, Node: r.name, Metadata: meta,
 		})
 	}
 	if len(outputs) == 0 {
@@ -145,6 +145,47 @@ func (f *Farm) copyOutputs(ctx context.Context, r *runner, job *schema.Job, entr
 		return nil, err
 	}
 	return outputs, nil
+}
+
+// keptFiles are the files of a finished prompt that become outputs: what the
+// workflow saved (type "output"; "" from servers that leave the type out),
+// and its temporary files (type "temp": PreviewImage, the previews of
+// animated outputs) only when keepTemp. Inputs echoed back (LoadImage) are
+// never the job's.
+func keptFiles(all []comfy.FileRef, keepTemp bool) []comfy.FileRef {
+	var files []comfy.FileRef
+	for _, fr := range all {
+		switch fr.Type {
+		case "output", "":
+			files = append(files, fr)
+		case "temp":
+			if keepTemp {
+				files = append(files, fr)
+			}
+		}
+	}
+	return files
+}
+
+// previewKey marks a preview's photo in its metadata.
+const previewKey = "comfyfarm_preview"
+
+// previewMetadata is a job's metadata with "comfyfarm_preview": true added,
+// for the photo of a temp file. Metadata that is not an object is kept
+// under "metadata".
+func previewMetadata(meta json.RawMessage) json.RawMessage {
+	obj := map[string]json.RawMessage{}
+	if trimmed := bytes.TrimSpace(meta); len(trimmed) > 0 && !bytes.Equal(trimmed, []byte("null")) {
+		if json.Unmarshal(trimmed, &obj) != nil {
+			obj = map[string]json.RawMessage{"metadata": trimmed}
+		}
+	}
+	obj[previewKey] = json.RawMessage("true")
+	out, err := json.Marshal(obj)
+	if err != nil {
+		return meta
+	}
+	return out
 }
 
 // copyOne streams one file from the node to a temporary file (hashing it and

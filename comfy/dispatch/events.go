@@ -280,7 +280,6 @@ func (r *runner) timeout(ctx context.Context, a *active) {
 		return // it ended meanwhile
 	}
 	a.zombie = true
-	r.jobsFail++
 	r.mu.Unlock()
 	if err := r.interrupt(ctx, a); err != nil && !errors.Is(err, context.Canceled) {
 		r.log.Warn("interrupt timed out job", "job_id", a.jobID, "err", err)

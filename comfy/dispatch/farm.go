@@ -105,6 +105,7 @@ type JobStore interface {
 	JobExtendLease(ctx context.Context, owner string, ids []string, until time.Time) (int, error)
 	JobRescue(ctx context.Context, now time.Time, maxAttempts int) (requeued, failed []schema.Job, err error)
 	JobCounts(ctx context.Context) (map[string]map[schema.JobState]int, error)
+	JobCountsByNode(ctx context.Context) (map[string]dbcontrollers.NodeJobCounts, error)
 }
 
 // Frontends resolves a frontend name to its controller; satisfied by
@@ -125,6 +126,7 @@ type Farm struct {
 	hub       *Hub
 	metrics   *farmMetrics
 	log       *slog.Logger
+	tally     nodeTally // jobs finished per node, for node views
 
 	mu        sync.Mutex // guards the queue and positions; taken before rmu
 	queue     *fairQueue
@@ -185,6 +187,9 @@ func (f *Farm) Run(ctx context.Context) error {
 	f.ctx = ctx
 	if err := f.loadQueue(ctx); err != nil {
 		return fmt.Errorf("load queue: %w", err)
+	}
+	if err := f.tally.load(ctx, f.store); err != nil {
+		return fmt.Errorf("count jobs by node: %w", err)
 	}
 	changes, unsub := f.nodes.Subscribe()
 	defer unsub()
@@ -448,6 +453,7 @@ func (f *Farm) rescue(ctx context.Context) {
 	}
 	for i := range failed {
 		j := &failed[i]
+		f.tally.finished(j.Node, j.State)
 		f.refund(ctx, j)
 		f.hub.Publish(j.ID, schema.Event{Type: schema.EventFailed, Error: j.Error})
 	}

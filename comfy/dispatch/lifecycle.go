@@ -97,9 +97,6 @@ func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *sc
 	f.keepLease(ref.id, true)
 	if r != nil {
 		r.forget(ref)
-		r.mu.Lock()
-		r.jobsFail++
-		r.mu.Unlock()
 	}
 	u := dbcontrollers.JobUpdate{
 		ID: ref.id, From: activeStates, State: schema.JobFailed, Error: jerr, Attempt: attemptOf(ref),
@@ -134,6 +131,7 @@ func (f *Farm) failed(ctx context.Context, id string, job *schema.Job, err error
 		return
 	}
 	f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+	f.tally.finished(job.Node, job.State)
 	f.refund(ctx, job)
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
 }
@@ -223,7 +221,6 @@ func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
 	}
 	r.mu.Lock()
 	a.state = schema.JobStoring
-	r.jobsDone++
 	for _, m := range a.models {
 		if i := slices.Index(r.models, m); i >= 0 {
 			r.models = slices.Delete(r.models, i, i+1)
@@ -394,13 +391,14 @@ func (f *Farm) retire(ctx context.Context, r *runner) {
 // runtime is what the dispatcher knows of a node, for the node view. It must
 // not take f.mu: the registry calls it under its own lock.
 func (f *Farm) runtime(name string) Runtime {
+	counts := f.tally.get(name)
 	r := f.runner(name)
 	if r == nil {
-		return Runtime{}
+		return Runtime{JobsDone: counts.Succeeded, JobsFailed: counts.Failed}
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	rt := Runtime{ModelsLoaded: slices.Clone(r.models), JobsDone: r.jobsDone, JobsFailed: r.jobsFail}
+	rt := Runtime{ModelsLoaded: slices.Clone(r.models), JobsDone: counts.Succeeded, JobsFailed: counts.Failed}
 	for _, a := range r.jobs {
 		if a.holdsSlot() {
 			rt.Inflight++

@@ -266,6 +266,7 @@ func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs 
 		return
 	}
 	f.metrics.finished.WithLabelValues(done.Frontend, string(schema.JobSucceeded)).Inc()
+	f.tally.finished(done.Node, done.State)
 	f.metrics.jobSeconds.Observe(done.FinishedAt.Sub(done.CreatedAt).Seconds())
 	f.hub.Publish(job.ID, schema.Event{Type: schema.EventSucceeded, Outputs: done.Outputs})
 }

@@ -40,8 +40,6 @@ type runner struct {
 	models      []string // models of recent runs, newest last
 	last        uint64
 	seq         uint64
-	jobsDone    int64
-	jobsFail    int64
 }
 
 // active is a job this runner follows.

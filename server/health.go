@@ -18,8 +18,9 @@ func (s *Server) healthz(c *fiber.Ctx) error {
 	return c.JSON(fiber.Map{"status": "ok", "version": s.cfg.Version})
 }
 
-// readyz checks, in parallel, the control database, every frontend database
-// and storage: 200 when all answer, 503 not_ready naming the failing ones.
+// readyz checks, in parallel, the control database, every frontend database,
+// storage and the scheduler (started): 200 when all answer, 503 not_ready
+// naming the failing ones.
 func (s *Server) readyz(c *fiber.Ctx) error {
 	ctx, cancel := context.WithTimeout(c.UserContext(), readyTimeout)
 	defer cancel()
@@ -29,6 +30,9 @@ func (s *Server) readyz(c *fiber.Ctx) error {
 	}
 	if s.deps.Store != nil {
 		checks["storage"] = s.deps.Store
+	}
+	if s.deps.Scheduler != nil {
+		checks["scheduler"] = s.deps.Scheduler
 	}
 	var (
 		mu      sync.Mutex

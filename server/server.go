@@ -108,6 +108,7 @@ type Deps struct {
 	Logger    *slog.Logger
 	Frontends Frontends // required
 	Control   Pinger    // control database, checked by /readyz
+	Scheduler Pinger    // the farm, checked by /readyz: ready once it has loaded its queue
 	Store     oss.Store // builds photo and output URLs, deletes photo objects
 	Files     FileServer
 	Jobs      JobService

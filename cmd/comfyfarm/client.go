@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -71,6 +72,25 @@ func (c *apiClient) do(ctx context.Context, req *http.Request, out any) error {
 		return fmt.Errorf("decode answer of %s %s: %w", req.Method, req.URL.Path, err)
 	}
 	return nil
+}
+
+// call sends body (when not nil) as JSON and decodes a 2xx JSON answer into
+// out (when not nil).
+func (c *apiClient) call(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	contentType := ""
+	if body != nil {
+		data, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd, contentType = bytes.NewReader(data), "application/json"
+	}
+	req, err := c.request(ctx, method, path, rd, contentType)
+	if err != nil {
+		return err
+	}
+	return c.do(ctx, req, out)
 }
 
 func readAPIError(res *http.Response) error {

@@ -3,8 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"strings"
 	"text/tabwriter"
 
@@ -12,7 +15,7 @@ import (
 )
 
 func init() {
-	register(command{name: "nodes", summary: "list the nodes of a running server", run: cmdNodes})
+	register(command{name: "nodes", summary: "list, add, remove, drain and probe the nodes of a running server", run: cmdNodes})
 }
 
 // defaultServer is where the client commands look for the server.
@@ -23,13 +26,36 @@ func defaultServer(e *env) string {
 	return "http://127.0.0.1:8080"
 }
 
+const nodesSynopsis = `[ls] [--json] | add NAME URL [--tags a,b] [--max-inflight N] | rm NAME | drain NAME | undrain NAME | probe NAME
+       (every form takes [--server URL] [--key KEY]; the key defaults to COMFYFARM_ADMIN_KEY)`
+
+// nodeVerbs are the actions of `comfyfarm nodes`, with their positional
+// arguments.
+var nodeVerbs = map[string][]string{
+	"ls": nil, "add": {"NAME", "URL"}, "rm": {"NAME"}, "drain": {"NAME"}, "undrain": {"NAME"}, "probe": {"NAME"},
+}
+
 func cmdNodes(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "nodes", "[--server URL] [--key KEY] [--json]")
+	verb := "ls"
+	if len(args) > 0 {
+		if _, ok := nodeVerbs[args[0]]; ok {
+			verb, args = args[0], args[1:]
+		}
+	}
+	fs := newFlagSet(e, "nodes", nodesSynopsis)
 	server := fs.String("server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	key := fs.String("key", "", "admin key (default: env COMFYFARM_ADMIN_KEY)")
-	asJSON := fs.Bool("json", false, "print the node views as JSON")
-	if err := parseFlags(fs, args); err != nil {
+	asJSON := fs.Bool("json", false, "print node views as JSON")
+	tags := fs.String("tags", "", "add: comma-separated tags")
+	maxInflight := fs.Int("max-inflight", 1, "add: jobs the node runs at once")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
 		return err
+	}
+	if want := nodeVerbs[verb]; len(pos) != len(want) {
+		fmt.Fprintf(e.stderr, "comfyfarm nodes %s: want %s\n", verb, strings.Join(append([]string{verb}, want...), " "))
+		fs.Usage()
+		return errUsage
 	}
 	if *key == "" {
 		*key = e.getenv("COMFYFARM_ADMIN_KEY")
@@ -43,20 +69,79 @@ func cmdNodes(ctx context.Context, e *env, args []string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
-	req, err := c.request(ctx, "GET", "/api/v1/nodes", nil, "")
+
+	if verb == "ls" {
+		var nodes []schema.NodeView
+		if err := c.call(ctx, "GET", "/api/v1/nodes", nil, &nodes); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(e.stdout, nodes)
+		}
+		return printNodes(e.stdout, nodes)
+	}
+	name := pos[0]
+	path := "/api/v1/nodes/" + url.PathEscape(name)
+	var view schema.NodeView
+	switch verb {
+	case "add":
+		body := map[string]any{"name": name, "url": pos[1], "tags": splitList(*tags), "max_inflight": *maxInflight}
+		err = c.call(ctx, "POST", "/api/v1/nodes", body, &view)
+	case "rm":
+		if err := c.call(ctx, "DELETE", path, nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "removed node %s\n", name)
+		return nil
+	case "drain", "undrain":
+		err = c.call(ctx, "POST", path+"/drain", map[string]bool{"drain": verb == "drain"}, &view)
+	case "probe":
+		err = c.call(ctx, "POST", path+"/probe", nil, &view)
+	}
 	if err != nil {
 		return err
 	}
-	var nodes []schema.NodeView
-	if err := c.do(ctx, req, &nodes); err != nil {
-		return err
-	}
 	if *asJSON {
-		enc := json.NewEncoder(e.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(nodes)
+		return printJSON(e.stdout, view)
 	}
-	return printNodes(e.stdout, nodes)
+	return printNodes(e.stdout, []schema.NodeView{view})
+}
+
+// parseInterleaved parses flags that may come before, between or after the
+// positional arguments (`nodes add gpu-2 URL --tags sdxl`), and returns the
+// positional ones.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, errUsage
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos, args = append(pos, args[0]), args[1:]
+	}
+}
+
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	out := []string{}
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 // printNodes writes the nodes as a table.

@@ -126,6 +126,9 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	if a.local != nil {
 		deps.Files = a.local
 	}
+	if a.farm != nil {
+		deps.Scheduler = a.farm
+	}
 	a.server, err = server.New(server.Config{
 		AdminKey:        a.secrets.adminKey,
 		MetricsKey:      cfg.MetricsKey,

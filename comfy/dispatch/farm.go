@@ -150,6 +150,7 @@ type Farm struct {
 	onSchedule func(dispatched []string, positions map[string]int)
 	wg         sync.WaitGroup
 	started    chan struct{}
+	stopped    chan struct{} // closed when Run returns
 }
 
 // NewFarm wires a farm. Call Run to start it.
@@ -172,6 +173,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		retiring:   make(map[*runner]bool),
 		kick:       make(chan struct{}, 1),
 		started:    make(chan struct{}),
+		stopped:    make(chan struct{}),
 	}
 	nodes.SetRuntimeFunc(f.runtime)
 	return f
@@ -183,13 +185,31 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 // Shutdown order: the scheduler stops taking jobs first, then runners stop
 // following nodes (jobs stay dispatched/running in the database with their
 // leases; the next start adopts them), then background completions finish.
+// Ping reports whether the farm is running: an error until Run has loaded
+// the queue and adopted the running jobs, and after Run has returned.
+func (f *Farm) Ping(ctx context.Context) error {
+	select {
+	case <-f.stopped:
+		return errors.New("scheduler stopped")
+	default:
+	}
+	select {
+	case <-f.started:
+		return nil
+	default:
+		return errors.New("scheduler starting")
+	}
+}
+
 func (f *Farm) Run(ctx context.Context) error {
 	f.ctx = ctx
+	defer close(f.stopped)
 	if err := f.loadQueue(ctx); err != nil {
 		return fmt.Errorf("load queue: %w", err)
 	}
 	if err := f.tally.load(ctx, f.store); err != nil {
-		return fmt.Errorf("count jobs by node: %w", err)
+		// Only the node views' totals wait for it: try again on the tick.
+		f.log.Warn("count jobs by node", "err", err)
 	}
 	changes, unsub := f.nodes.Subscribe()
 	defer unsub()
@@ -227,6 +247,11 @@ func (f *Farm) Run(ctx context.Context) error {
 			}
 			f.failUnrunnable(ctx)
 			f.hub.GC()
+			if !f.tally.loaded() {
+				if err := f.tally.load(ctx, f.store); err != nil && ctx.Err() == nil {
+					f.log.Warn("count jobs by node", "err", err)
+				}
+			}
 			f.schedule(ctx)
 		}
 	}

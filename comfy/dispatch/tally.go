@@ -15,6 +15,13 @@ import (
 type nodeTally struct {
 	mu     sync.Mutex
 	counts map[string]dbcontrollers.NodeJobCounts
+	ok     bool // read from the database
+}
+
+func (t *nodeTally) loaded() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.ok
 }
 
 func (t *nodeTally) load(ctx context.Context, store JobStore) error {
@@ -24,7 +31,8 @@ func (t *nodeTally) load(ctx context.Context, store JobStore) error {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.counts = counts
+	// The database's totals include every job counted here so far.
+	t.counts, t.ok = counts, true
 	return nil
 }
 

@@ -47,6 +47,10 @@ type Config struct {
 	Limits          LimitsConfig              `yaml:"limits"`
 	Probe           ProbeConfig               `yaml:"probe"`
 	Events          EventsConfig              `yaml:"events"`
+
+	// publicURLDerived: public_url was not set, so it follows listen (see
+	// derivePublicURL).
+	publicURLDerived bool
 }
 
 // LogConfig sets up log/slog.
@@ -330,8 +334,13 @@ func typeWord(goType string) string {
 	return goType
 }
 
-// fill gives per-frontend and per-node keys their defaults.
+// fill gives per-frontend and per-node keys their defaults, and public_url,
+// when not set, the address of listen.
 func (c *Config) fill() {
+	if c.PublicURL == "" || c.publicURLDerived {
+		c.publicURLDerived = true
+		c.PublicURL = derivePublicURL(c.Listen, "")
+	}
 	for name, f := range c.Frontends {
 		if f.Weight == 0 {
 			f.Weight = 1
@@ -345,6 +354,48 @@ func (c *Config) fill() {
 		if c.Nodes[i].Tags == nil {
 			c.Nodes[i].Tags = []string{}
 		}
+	}
+}
+
+// derivePublicURL is the address a browser on this machine reaches a server
+// listening on listen ("" keeps the port of listen; port fills in the real
+// one of a ":0" listener): http://localhost:PORT for a wildcard or loopback
+// host, else http://HOST:PORT.
+func derivePublicURL(listen, port string) string {
+	host, p, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "" // Validate names listen
+	}
+	if port != "" {
+		p = port
+	}
+	switch ip := net.ParseIP(host); {
+	case host == "", host == "localhost", ip != nil && (ip.IsUnspecified() || ip.IsLoopback()):
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, p)
+}
+
+// setListen sets listen (serve --listen) and, when public_url follows it, public_url.
+func (c *Config) setListen(addr string) error {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return fmt.Errorf("--listen %q: want host:port or :port", addr)
+	}
+	c.Listen = addr
+	if c.publicURLDerived {
+		c.PublicURL = derivePublicURL(addr, "")
+	}
+	return nil
+}
+
+// listening tells the configuration the address it really listens on: a
+// derived public_url takes the port a ":0" listener was given.
+func (c *Config) listening(addr net.Addr) {
+	if !c.publicURLDerived {
+		return
+	}
+	if _, port, err := net.SplitHostPort(addr.String()); err == nil {
+		c.PublicURL = derivePublicURL(c.Listen, port)
 	}
 }
 
@@ -626,15 +677,27 @@ func applyEnv(cfg *Config, environ []string) ([]string, error) {
 	var errs []error
 	for _, k := range keys {
 		for _, name := range envAliases(k.name) {
-			raw, ok := env[name]
+			raw, ok, err := envValue(env, name, used)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s (%s): %w", name, k.path, err))
+				continue
+			}
 			if !ok {
 				continue
 			}
-			used[name] = true
 			if err := setFromEnv(k.field, raw); err != nil {
 				errs = append(errs, fmt.Errorf("%s (%s): %w", name, k.path, err))
 			}
 		}
+	}
+	if raw, ok, err := envValue(env, envPrefix+"NODES", used); err != nil {
+		errs = append(errs, fmt.Errorf("%sNODES (nodes): %w", envPrefix, err))
+	} else if ok {
+		nodes, err := parseEnvNodes(raw)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%sNODES (nodes): %w", envPrefix, err))
+		}
+		cfg.Nodes = nodes
 	}
 	for _, e := range entries {
 		e.m.SetMapIndex(e.key, e.value)
@@ -650,6 +713,47 @@ func applyEnv(cfg *Config, environ []string) ([]string, error) {
 		warnings = append(warnings, fmt.Sprintf("environment variable %s matches no configuration key; ignored", name))
 	}
 	return warnings, nil
+}
+
+// envValue is the value of the variable name, or of name_FILE: the contents
+// of the file it names, without the trailing newline (Docker and systemd
+// secrets). Setting both is an error. It marks what it read as used.
+func envValue(env map[string]string, name string, used map[string]bool) (string, bool, error) {
+	raw, direct := env[name]
+	path, fromFile := env[name+"_FILE"]
+	if direct {
+		used[name] = true
+	}
+	if !fromFile {
+		return raw, direct, nil
+	}
+	used[name+"_FILE"] = true
+	if direct {
+		return "", false, fmt.Errorf("both %s and %s_FILE are set; keep one", name, name)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", false, fmt.Errorf("%s_FILE: %w", name, err)
+	}
+	return strings.TrimRight(string(data), "\r\n"), true, nil
+}
+
+// parseEnvNodes reads COMFYFARM_NODES: "name=url[,name=url...]", each node
+// with one job at a time and no tags (a config file says more).
+func parseEnvNodes(raw string) ([]NodeConfig, error) {
+	nodes := []NodeConfig{}
+	for _, item := range strings.Split(raw, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		name, u, ok := strings.Cut(item, "=")
+		if !ok || strings.TrimSpace(name) == "" || strings.TrimSpace(u) == "" {
+			return nil, fmt.Errorf("invalid value %q: want name=url[,name=url...]", item)
+		}
+		nodes = append(nodes, NodeConfig{Name: strings.TrimSpace(name), URL: strings.TrimSpace(u), MaxInflight: 1, Tags: []string{}})
+	}
+	return nodes, nil
 }
 
 func setFromEnv(f reflect.Value, raw string) error {

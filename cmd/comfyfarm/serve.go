@@ -26,8 +26,9 @@ func init() {
 }
 
 func cmdServe(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "serve", "[--config FILE]")
+	fs := newFlagSet(e, "serve", "[--config FILE] [--listen ADDR]")
 	configPath := fs.String("config", "", "YAML configuration file (default: built-in defaults)")
+	listen := fs.String("listen", "", "listen address, e.g. :9090 (overrides listen; public_url follows it when not set)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -35,15 +36,23 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	a, err := buildApp(ctx, cfg, log, e.stdout)
-	if err != nil {
-		return err
+	if *listen != "" {
+		if err := cfg.setListen(*listen); err != nil {
+			return err
+		}
 	}
-	defer a.close()
+	// Listen first: a derived public_url takes the port of a ":0" listener.
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	cfg.listening(ln.Addr())
+	a, err := buildApp(ctx, cfg, log, e.stdout)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer a.close()
 	log.Info("comfyfarm listening", "addr", ln.Addr().String(), "public_url", cfg.PublicURL,
 		"dashboard", strings.TrimRight(cfg.PublicURL, "/")+"/dashboard", "version", buildVersion())
 	if e.ready != nil {

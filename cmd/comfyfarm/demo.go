@@ -185,7 +185,7 @@ func demoJobs(ctx context.Context, e *env, base, key string, n int) error {
 	}
 	last := subs[len(subs)-1]
 	fmt.Fprintf(e.stdout, "following job %s:\n", last.ID)
-	job, err := followJob(ctx, c, last.EventsURL, e.stdout)
+	job, err := followJob(ctx, c, last.EventsURL, e.stdout, 0)
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -221,5 +223,64 @@ func TestHealthCommand(t *testing.T) {
 	if err := run(context.Background(), e, []string{"health", "--url", "http://" + refusedAddr(t)}); err == nil ||
 		!strings.Contains(err.Error(), "refused") {
 		t.Fatalf("no server: %v", err)
+	}
+}
+
+// TestJobsCommands: submit, then list, show, follow and cancel jobs from the
+// command line against a live server with a fake node.
+func TestJobsCommands(t *testing.T) {
+	fake := comfytest.NewServer(comfytest.Options{DefaultClassTime: 5 * time.Millisecond})
+	defer fake.Close()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	workflow := filepath.Join(wd, "sample_workflow.json")
+	base := startServe(t, "COMFYFARM_NODES=gpu-a="+fake.URL(), "COMFYFARM_SCHEDULER_PROBE_INTERVAL=100ms")
+	api := func(args ...string) (string, error) {
+		t.Helper()
+		e, out, errb := testEnv("COMFYFARM_SERVER="+base, "COMFYFARM_API_KEY=logo-key")
+		err := run(context.Background(), e, args)
+		return out.String() + errb.String(), err
+	}
+	out, err := api("submit", "--workflow", workflow, "--user", "cli-u", "--wait")
+	if err != nil {
+		t.Fatalf("submit: %v\n%s", err, out)
+	}
+	id := strings.Fields(out)[1]
+
+	if out, err := api("jobs", "ls", "--user", "cli-u"); err != nil || !strings.Contains(out, id) || !strings.Contains(out, "succeeded") {
+		t.Fatalf("ls: %v\n%s", err, out)
+	}
+	if out, err := api("jobs", "show", id); err != nil || !strings.Contains(out, "succeeded") ||
+		!strings.Contains(out, "output 0:") || !strings.Contains(out, "gpu-a") {
+		t.Fatalf("show: %v\n%s", err, out)
+	}
+	// events of a finished job: the snapshot, then the stream ends.
+	if out, err := api("jobs", "events", id); err != nil || !strings.Contains(out, "snapshot succeeded") {
+		t.Fatalf("events: %v\n%s", err, out)
+	}
+
+	// A job held in the node's queue is cancelled; a second cancel is a 409.
+	fake.Hold()
+	out, err = api("submit", "--workflow", workflow, "--user", "cli-u")
+	if err != nil {
+		t.Fatalf("submit: %v\n%s", err, out)
+	}
+	held := strings.Fields(out)[1]
+	if out, err := api("jobs", "cancel", held); err != nil || !strings.Contains(out, "cancelled") {
+		t.Fatalf("cancel: %v\n%s", err, out)
+	}
+	_, err = api("jobs", "cancel", held)
+	var ae *apiError
+	if !errors.As(err, &ae) || ae.Status != 409 {
+		t.Fatalf("second cancel: %v", err)
+	}
+	fake.Release()
+	if out, err := api("jobs", "ls", "--state", "cancelled", "--json"); err != nil || !strings.Contains(out, held) {
+		t.Fatalf("ls cancelled: %v\n%s", err, out)
+	}
+	if out, err := api("jobs", "show"); !errors.Is(err, errUsage) {
+		t.Fatalf("show without id: %v\n%s", err, out)
 	}
 }

@@ -9,13 +9,10 @@ import (
 	"fmt"
 	"io"
 	"mime/multipart"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
-
-	"github.com/schollz/progressbar/v3"
 
 	"github.com/comfyfarm/comfyfarm/schema"
 )
@@ -92,7 +89,7 @@ func cmdSubmit(ctx context.Context, e *env, args []string) error {
 	if !o.wait {
 		return nil
 	}
-	job, err := followJob(ctx, c, sub.EventsURL, e.stderr)
+	job, err := followJob(ctx, c, sub.EventsURL, e.stderr, workflowNodes(graph))
 	if err != nil {
 		return err
 	}
@@ -208,137 +205,4 @@ func submitJob(ctx context.Context, c *apiClient, o submitOptions, graph json.Ra
 		return nil, err
 	}
 	return &sub, nil
-}
-
-// followJob follows a job's SSE stream until its terminal event, drawing a
-// progress bar on w, and returns the final job. A dropped stream is resumed
-// with Last-Event-ID.
-func followJob(ctx context.Context, c *apiClient, eventsURL string, w io.Writer) (*schema.Job, error) {
-	bar := progressbar.NewOptions(100,
-		progressbar.OptionSetWriter(w),
-		progressbar.OptionSetDescription("queued"),
-		progressbar.OptionSetWidth(30),
-		progressbar.OptionShowDescriptionAtLineEnd(),
-		progressbar.OptionSetPredictTime(false),
-		progressbar.OptionThrottle(100*time.Millisecond),
-	)
-	defer fmt.Fprintln(w)
-	var (
-		job     schema.Job
-		lastSeq string
-		retries int
-	)
-	for {
-		final, seq, err := streamOnce(ctx, c, eventsURL, lastSeq, bar, &job)
-		if seq != "" {
-			lastSeq, retries = seq, 0
-		}
-		if final {
-			_ = bar.Finish()
-			return &job, nil
-		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		var ae *apiError
-		if errors.As(err, &ae) {
-			return nil, err // the server refused: retrying will not help
-		}
-		retries++
-		if retries > 5 {
-			return nil, fmt.Errorf("event stream: %w", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(time.Duration(retries) * time.Second):
-		}
-	}
-}
-
-// streamOnce reads one connection of the event stream. final reports a
-// terminal event; seq is the last seq seen.
-func streamOnce(ctx context.Context, c *apiClient, eventsURL, lastSeq string, bar *progressbar.ProgressBar, job *schema.Job) (final bool, seq string, err error) {
-	req, err := c.request(ctx, "GET", eventsURL, nil, "")
-	if err != nil {
-		return false, "", err
-	}
-	if strings.Contains(eventsURL, "token=") {
-		req.Header.Del("Authorization") // the job-scoped token is enough
-	}
-	req.Header.Set("Accept", "text/event-stream")
-	if lastSeq != "" {
-		req.Header.Set("Last-Event-ID", lastSeq)
-	}
-	res, err := c.http.Do(req)
-	if err != nil {
-		return false, "", err
-	}
-	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		return false, "", readAPIError(res)
-	}
-	r := newSSEReader(res.Body)
-	for {
-		msg, err := r.Next()
-		if err != nil {
-			return false, seq, err
-		}
-		var ev schema.Event
-		if err := json.Unmarshal([]byte(msg.Data), &ev); err != nil {
-			return false, seq, fmt.Errorf("event %q: %w", msg.Data, err)
-		}
-		if msg.ID != "" {
-			seq = msg.ID
-		}
-		applyEvent(job, ev, bar)
-		if ev.Type.Terminal() {
-			return true, seq, nil
-		}
-	}
-}
-
-// applyEvent folds one event into the job and the bar.
-func applyEvent(job *schema.Job, ev schema.Event, bar *progressbar.ProgressBar) {
-	switch ev.Type {
-	case schema.EventSnapshot:
-		if ev.Job != nil {
-			*job = *ev.Job
-		}
-	case schema.EventQueued:
-		job.State = schema.JobQueued
-		if ev.Position != nil {
-			bar.Describe(fmt.Sprintf("queued, %d ahead", *ev.Position))
-			return
-		}
-	case schema.EventDispatched:
-		job.State, job.Node = schema.JobDispatched, ev.Node
-	case schema.EventRunning:
-		job.State = schema.JobRunning
-	case schema.EventProgress:
-		if ev.Percent != nil {
-			_ = bar.Set(int(*ev.Percent))
-		}
-		bar.Describe(fmt.Sprintf("running node %s", ev.NodeID))
-		return
-	case schema.EventStoring:
-		job.State = schema.JobStoring
-	case schema.EventSucceeded:
-		job.State, job.Outputs = schema.JobSucceeded, ev.Outputs
-		_ = bar.Set(100)
-	case schema.EventFailed:
-		job.State, job.Error = schema.JobFailed, ev.Error
-	case schema.EventCancelled:
-		job.State = schema.JobCancelled
-	default:
-		return
-	}
-	if job.ID == "" {
-		job.ID = ev.JobID
-	}
-	desc := string(job.State)
-	if job.Node != "" && !job.State.Terminal() {
-		desc += " on " + job.Node
-	}
-	bar.Describe(desc)
 }

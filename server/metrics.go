@@ -118,7 +118,7 @@ func (s *Server) observe(c *fiber.Ctx) error {
 			"status", status,
 			"duration_ms", float64(elapsed.Microseconds())/1000,
 			"bytes", responseBytes(c),
-			"ip", c.IP(),
+			"ip", s.requestIP(c),
 			"request_id", rid,
 		)
 	}

@@ -100,6 +100,9 @@ type Config struct {
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
 	SubmitPerMinute int // POST /api/v1/jobs, on top of RatePerMinute
+	// TrustedProxies are the addresses or networks of reverse proxies whose
+	// X-Forwarded-For names the client (for logs); empty: none.
+	TrustedProxies []string
 }
 
 // Deps are the parts the server talks to. Jobs and Nodes may be nil: their
@@ -125,6 +128,7 @@ type Server struct {
 	limiter *limiter
 	tokens  *tokenSigner
 	metrics *httpMetrics
+	proxies proxySet // trusted reverse proxies
 	app     *fiber.App
 
 	wsUpgrade fiber.Handler
@@ -164,6 +168,10 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if cfg.RatePerMinute < 0 || cfg.SubmitPerMinute < 0 {
 		return nil, errors.New("server: RatePerMinute and SubmitPerMinute must not be negative")
 	}
+	proxies, err := parseProxies(cfg.TrustedProxies)
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
 	if deps.Logger == nil {
 		deps.Logger = slog.Default()
 	}
@@ -186,6 +194,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		limiter: newLimiter(cfg.RatePerMinute, cfg.SubmitPerMinute, bucketIdle),
 		tokens:  &tokenSigner{key: cfg.TokenSecret, ttl: cfg.TokenTTL, now: cfg.NowFunc},
 		metrics: metrics,
+		proxies: proxies,
 		done:    make(chan struct{}),
 		slots:   streamSlots{open: map[string]int{}},
 	}

@@ -47,10 +47,18 @@ type Config struct {
 	Limits          LimitsConfig              `yaml:"limits"`
 	Probe           ProbeConfig               `yaml:"probe"`
 	Events          EventsConfig              `yaml:"events"`
+	Server          ServerConfig              `yaml:"server"`
 
 	// publicURLDerived: public_url was not set, so it follows listen (see
 	// derivePublicURL).
 	publicURLDerived bool
+}
+
+// ServerConfig is about the HTTP server's surroundings.
+type ServerConfig struct {
+	// TrustedProxies: addresses or networks of the reverse proxies in front
+	// of comfyfarm, whose X-Forwarded-For names the client in the logs.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // LogConfig sets up log/slog.
@@ -157,7 +165,8 @@ type EventsConfig struct {
 const envPrefix = "COMFYFARM_"
 
 // envNotConfig are COMFYFARM_ variables that are not config keys (used by
-// the client commands and the tests); they draw no warning.
+// the client commands and the tests); they draw no warning. A name ending
+// in "_" is a prefix.
 var envNotConfig = []string{"COMFYFARM_API_KEY", "COMFYFARM_SERVER", "COMFYFARM_TEST_", "COMFYFARM_REQUIRE_"}
 
 // LoadConfig builds the configuration: the built-in defaults, then the file
@@ -585,6 +594,13 @@ func (c *Config) Validate() error {
 	}
 
 	positive("probe.timeout", c.Probe.Timeout)
+	for i, p := range c.Server.TrustedProxies {
+		if _, err := netip.ParsePrefix(p); err != nil {
+			if _, err := netip.ParseAddr(p); err != nil {
+				bad(fmt.Sprintf("server.trusted_proxies[%d]", i), "want an address or a network such as 10.0.0.0/8, not %q", p)
+			}
+		}
+	}
 	for i, a := range c.Probe.Allow {
 		if _, err := netip.ParsePrefix(a); err != nil {
 			bad(fmt.Sprintf("probe.allow[%d]", i), "want a network such as 10.0.0.0/8, not %q", a)
@@ -707,7 +723,9 @@ func applyEnv(cfg *Config, environ []string) ([]string, error) {
 	}
 	var warnings []string
 	for _, name := range slices.Sorted(maps.Keys(env)) {
-		if used[name] || slices.ContainsFunc(envNotConfig, func(p string) bool { return strings.HasPrefix(name, p) }) {
+		if used[name] || slices.ContainsFunc(envNotConfig, func(p string) bool {
+			return name == p || strings.HasSuffix(p, "_") && strings.HasPrefix(name, p)
+		}) {
 			continue
 		}
 		warnings = append(warnings, fmt.Sprintf("environment variable %s matches no configuration key; ignored", name))

@@ -150,6 +150,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		ShutdownTimeout: cfg.ShutdownTimeout,
 		Version:         buildVersion(),
 		RatePerMinute:   cfg.Limits.RatePerMinute,
+		TrustedProxies:  cfg.Server.TrustedProxies,
 		SubmitPerMinute: cfg.Limits.SubmitPerMinute,
 	}, deps)
 	if err != nil {

@@ -708,7 +708,7 @@ func applyEnv(cfg *Config, environ []string) ([]string, error) {
 	}
 	if raw, ok, err := envValue(env, envPrefix+"NODES", used); err != nil {
 		errs = append(errs, fmt.Errorf("%sNODES (nodes): %w", envPrefix, err))
-	} else if ok {
+	} else if ok && strings.TrimSpace(raw) != "" { // empty: unset (a compose file's ${COMFYFARM_NODES:-})
 		nodes, err := parseEnvNodes(raw)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%sNODES (nodes): %w", envPrefix, err))

@@ -68,7 +68,8 @@ func TestConfigEnvNodes(t *testing.T) {
 	if len(cfg.Nodes) != 2 || cfg.Nodes[0].Name != "gpu-a" || cfg.Nodes[1].URL != "http://10.0.0.6:8188" || cfg.Nodes[1].MaxInflight != 1 {
 		t.Fatalf("nodes %+v", cfg.Nodes)
 	}
-	if cfg, _, err := LoadConfig("", []string{"COMFYFARM_NODES="}); err != nil || len(cfg.Nodes) != 0 {
+	// Empty is unset: the file's (or the defaults') nodes stay.
+	if cfg, _, err := LoadConfig("", []string{"COMFYFARM_NODES= "}); err != nil || len(cfg.Nodes) != 1 || cfg.Nodes[0].Name != "gpu-1" {
 		t.Fatalf("empty: %v %+v", err, cfg)
 	}
 	for _, bad := range []string{"gpu-a", "=http://x:1", "gpu a=http://10.0.0.5:8188", "gpu-a=ftp://x"} {

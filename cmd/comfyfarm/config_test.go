@@ -374,12 +374,26 @@ func TestDockerConfig(t *testing.T) {
 		"COMFYFARM_ADMIN_KEY":    "an-admin-key-0123456789",
 		"COMFYFARM_DATABASE_DSN": "root:pw@tcp(db:3306)/",
 		"COMFYFARM_PUBLIC_URL":   "https://farm.example.com",
+		"COMFYFARM_NODES":        "sim-1=http://sim-1:8188",
 	}
 	env := []string{}
+	seen := map[string]bool{}
 	for _, name := range mentioned {
-		v, ok := values[name]
+		key := strings.TrimSuffix(name, "_FILE")
+		if seen[key] {
+			continue // both forms of a key are mentioned (in a comment and a setting)
+		}
+		seen[key] = true
+		v, ok := values[key]
 		if !ok {
-			v = "value-" + strings.ToLower(name[len("COMFYFARM_"):]) // strings and comma lists alike
+			v = "value-" + strings.ToLower(key[len("COMFYFARM_"):]) // strings and comma lists alike
+		}
+		if key != name { // a Docker secret: the value is in the file it names
+			p := filepath.Join(t.TempDir(), "secret")
+			if err := os.WriteFile(p, []byte(v+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			v = p
 		}
 		env = append(env, name+"="+v)
 	}

@@ -163,12 +163,7 @@ func TestServeStartupFailureBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "comfyfarm")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := dockerfileBinary(t)
 	cmd := exec.Command(bin, "serve")
 	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(), "COMFYFARM_LOG_LEVEL=error", "COMFYFARM_DATABASE_DRIVER=mysql",

@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	composecli "github.com/compose-spec/compose-go/v2/cli"
+)
+
+// TestComposeFileValid loads docker/compose.yaml the way `docker compose
+// config` does (the Compose specification's schema and interpolation), with
+// each profile.
+func TestComposeFileValid(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join("..", "..", "docker")
+	for _, name := range []string{"compose.yaml", "comfyfarm.yaml"} {
+		data, err := os.ReadFile(filepath.Join(src, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The secrets the file's header tells the operator to make.
+	if err := os.MkdirAll(filepath.Join(dir, "secrets"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"db_root_password", "db_password", "comfyfarm_dsn", "admin_key"} {
+		if err := os.WriteFile(filepath.Join(dir, "secrets", s), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		profiles []string
+		want     []string
+	}{
+		{nil, []string{"comfyfarm", "db"}},
+		{[]string{"sim"}, []string{"comfyfarm", "db", "sim-1", "sim-2"}},
+	} {
+		opts, err := composecli.NewProjectOptions([]string{filepath.Join(dir, "compose.yaml")},
+			composecli.WithWorkingDirectory(dir), composecli.WithProfiles(tc.profiles),
+			composecli.WithEnv([]string{"COMFYFARM_NODES=sim-1=http://sim-1:8188"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := opts.LoadProject(context.Background())
+		if err != nil {
+			t.Fatalf("profiles %q: %v", tc.profiles, err)
+		}
+		got := p.ServiceNames()
+		slices.Sort(got)
+		if !slices.Equal(got, tc.want) {
+			t.Fatalf("profiles %q: services %q, want %q", tc.profiles, got, tc.want)
+		}
+		farm, err := p.GetService("comfyfarm")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range []string{"COMFYFARM_DATABASE_DSN_FILE", "COMFYFARM_ADMIN_KEY_FILE"} {
+			if v := farm.Environment[k]; v == nil || !strings.HasPrefix(*v, "/run/secrets/") {
+				t.Errorf("%s = %v: want a Docker secret", k, v)
+			}
+		}
+		db, _ := p.GetService("db")
+		if u := db.Environment["MARIADB_USER"]; u == nil || *u == "root" {
+			t.Errorf("the database user is %v: want a dedicated one", u)
+		}
+	}
+}
+
+// dockerfileLines reads docker/Dockerfile with its continued lines joined.
+func dockerfileLines(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", "docker", "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.ReplaceAll(string(b), "\\\n", " ")
+}
+
+// dockerfileHealthcheck is the image's HEALTHCHECK command.
+func dockerfileHealthcheck(t *testing.T) []string {
+	t.Helper()
+	m := regexp.MustCompile(`HEALTHCHECK [^\n]*CMD (\[[^\n]*\])`).FindStringSubmatch(dockerfileLines(t))
+	if m == nil {
+		t.Fatal("the Dockerfile has no HEALTHCHECK CMD [...]")
+	}
+	var cmd []string
+	if err := json.Unmarshal([]byte(m[1]), &cmd); err != nil {
+		t.Fatalf("HEALTHCHECK CMD %s: %v", m[1], err)
+	}
+	return cmd
+}
+
+var (
+	binaryOnce sync.Once
+	binaryPath string
+	binaryErr  error
+)
+
+// dockerfileBinary builds the binary once per test run, with the go build
+// line of the Dockerfile (static, no cgo), and returns its path.
+func dockerfileBinary(t *testing.T) string {
+	t.Helper()
+	m := regexp.MustCompile(`RUN (CGO_ENABLED=0 go build [^&\n]*)`).FindStringSubmatch(dockerfileLines(t))
+	if m == nil {
+		t.Fatal("the Dockerfile has no static go build line")
+	}
+	binaryOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "comfyfarm-bin-")
+		if err != nil {
+			binaryErr = err
+			return
+		}
+		binaryPath = filepath.Join(dir, "comfyfarm")
+		line := strings.ReplaceAll(m[1], "/out/comfyfarm", binaryPath)
+		line = strings.ReplaceAll(line, "${VERSION}", "test")
+		cmd := exec.Command("sh", "-c", line)
+		cmd.Dir = filepath.Join("..", "..") // the Dockerfile builds from the repository root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			binaryErr = fmt.Errorf("%s: %w\n%s", line, err, out)
+		}
+	})
+	if binaryErr != nil {
+		t.Fatal(binaryErr)
+	}
+	return binaryPath
+}
+
+// TestDockerfileBinaryHealth builds the binary the Dockerfile's way (its go
+// build line, static, no cgo), runs it with the image's configuration, and
+// runs the image's HEALTHCHECK command against it: healthy while serving,
+// unhealthy once it is gone.
+func TestDockerfileBinaryHealth(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := dockerfileBinary(t)
+	healthCmd := dockerfileHealthcheck(t)
+
+	// The image's config, on SQLite in a temporary data folder.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	data := t.TempDir()
+	srv := exec.Command(bin, "serve", "--config", filepath.Join("..", "..", "docker", "comfyfarm.yaml"), "--listen", addr)
+	srv.Env = append(os.Environ(), "COMFYFARM_DATA_DIR="+data, "COMFYFARM_DATABASE_DRIVER=sqlite",
+		"COMFYFARM_DATABASE_PATH="+data, "COMFYFARM_STORAGE_LOCAL_DIR="+filepath.Join(data, "files"),
+		"COMFYFARM_ADMIN_KEY=cf-admin-docker-test-0123456789", "COMFYFARM_LOG_LEVEL=warn")
+	var logs syncBuffer
+	srv.Stdout, srv.Stderr = &logs, &logs
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- srv.Wait() }()
+	defer func() {
+		_ = srv.Process.Kill()
+		<-exited
+	}()
+
+	runHealth := func() (int, string) {
+		args := slices.Clone(healthCmd[1:])
+		if i := slices.Index(args, "--url"); i >= 0 && i+1 < len(args) {
+			args[i+1] = "http://" + addr // the container's port, here
+		}
+		c := exec.Command(bin, args...)
+		b, err := c.CombinedOutput()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), string(b)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0, string(b)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		code, msg := runHealth()
+		if code == 0 {
+			break
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("serve exited: %v\n%s", err, logs.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("never healthy: %d %s\n%s", code, msg, logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_ = srv.Process.Kill()
+	<-exited
+	exited <- nil // for the deferred wait
+	if code, msg := runHealth(); code != 1 || !strings.Contains(msg, "not ready") {
+		t.Fatalf("after the server died: exit %d %s", code, msg)
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binaryPath != "" {
+		os.RemoveAll(filepath.Dir(binaryPath))
+	}
+	os.Exit(code)
+}

@@ -9,6 +9,7 @@ import (
 	"mime"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jmoiron/sqlx"
 
@@ -160,11 +161,10 @@ func (r *userRow) user() *schema.User {
 	}
 }
 
+// validExternalID refuses a user id that is not a well-formed identifier
+// (schema.CheckIdent): "bob " is refused rather than stored beside "bob".
 func validExternalID(id string) error {
-	if id == "" || len(id) > 255 {
-		return schema.Invalid("user_id", "must be 1 to 255 bytes")
-	}
-	return nil
+	return schema.CheckIdent("user_id", id, schema.MaxUserIDBytes)
 }
 
 // ensureUser returns the user's row id, creating the user with the initial
@@ -236,8 +236,8 @@ func (b *Base) UserUpsert(ctx context.Context, db sqlx.ExtContext, u *schema.Use
 		return nil, err
 	}
 	switch {
-	case len(u.Nickname) > 255:
-		return nil, schema.Invalid("nickname", "must be at most 255 bytes")
+	case !utf8.ValidString(u.Nickname) || utf8.RuneCountInString(u.Nickname) > schema.MaxNicknameRunes:
+		return nil, schema.Invalid("nickname", "at most %d characters of UTF-8", schema.MaxNicknameRunes)
 	case len(u.Email) > 320:
 		return nil, schema.Invalid("email", "must be at most 320 bytes")
 	case len(u.AvatarURL) > 2048:
@@ -285,6 +285,9 @@ func (b *Base) UserEnsure(ctx context.Context, db sqlx.ExtContext, externalID st
 
 // UserGet returns the user with its photo count.
 func (b *Base) UserGet(ctx context.Context, db sqlx.QueryerContext, externalID string) (*schema.User, error) {
+	if err := validExternalID(externalID); err != nil {
+		return nil, err
+	}
 	var r userRow
 	err := sqlx.GetContext(ctx, db, &r, "SELECT "+userColumns+
 		", (SELECT COUNT(*) FROM photos p WHERE p.user_id = users.id) AS photo_count FROM users WHERE external_id = ?",
@@ -354,8 +357,10 @@ func (b *Base) CreditsApply(ctx context.Context, db sqlx.ExtContext, p CreditPar
 		return nil, schema.Invalid("delta", "must not be 0")
 	case len(p.Reason) > 255:
 		return nil, schema.Invalid("reason", "must be at most 255 bytes")
-	case len(p.IdempotencyKey) > 255:
-		return nil, schema.Invalid("idempotency_key", "must be at most 255 bytes")
+	case p.IdempotencyKey != "":
+		if err := schema.CheckIdent("idempotency_key", p.IdempotencyKey, schema.MaxIdempotencyKeyBytes); err != nil {
+			return nil, err
+		}
 	}
 	var out *schema.CreditEntry
 	err := withTx(ctx, db, func(tx sqlx.ExtContext) error {
@@ -423,6 +428,9 @@ func (b *Base) CreditsApply(ctx context.Context, db sqlx.ExtContext, p CreditPar
 // CreditHistory returns a user's ledger, newest first (at most limit entries,
 // 100 when limit <= 0).
 func (b *Base) CreditHistory(ctx context.Context, db sqlx.QueryerContext, externalID string, limit int) ([]schema.CreditEntry, error) {
+	if err := validExternalID(externalID); err != nil {
+		return nil, err
+	}
 	if limit <= 0 || limit > 1000 {
 		limit = 100
 	}

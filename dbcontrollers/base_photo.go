@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jmoiron/sqlx"
 
@@ -56,24 +57,29 @@ func photosOf(rows []photoRow) []schema.Photo {
 	return out
 }
 
+// validatePhoto checks a photo before it is stored. The identifier columns
+// are byte strings on MySQL, which no longer refuse malformed UTF-8: the
+// checks here do.
 func validatePhoto(p *schema.Photo) error {
+	if err := validExternalID(p.UserID); err != nil {
+		return err
+	}
+	if err := schema.CheckIdent("job_id", p.JobID, schema.MaxJobIDBytes); err != nil {
+		return err
+	}
 	switch {
-	case validExternalID(p.UserID) != nil:
-		return validExternalID(p.UserID)
-	case p.JobID == "" || len(p.JobID) > 64:
-		return schema.Invalid("job_id", "must be 1 to 64 bytes")
 	case p.OutputIndex < 0:
 		return schema.Invalid("output_index", "must not be negative")
-	case p.ObjectKey == "" || len(p.ObjectKey) > 1024:
-		return schema.Invalid("object_key", "must be 1 to 1024 bytes")
+	case p.ObjectKey == "" || len(p.ObjectKey) > 1024 || !utf8.ValidString(p.ObjectKey):
+		return schema.Invalid("object_key", "must be 1 to 1024 bytes of UTF-8")
 	case p.ContentType == "" || len(p.ContentType) > 255:
 		return schema.Invalid("content_type", "must be 1 to 255 bytes")
 	case len(p.URL) > 2048:
 		return schema.Invalid("url", "must be at most 2048 bytes")
 	case len(p.SHA256) > 64:
 		return schema.Invalid("sha256", "must be at most 64 bytes")
-	case len(p.Node) > 255:
-		return schema.Invalid("node", "must be at most 255 bytes")
+	case len(p.Node) > schema.MaxNodeNameBytes || !utf8.ValidString(p.Node):
+		return schema.Invalid("node", "must be at most %d bytes of UTF-8", schema.MaxNodeNameBytes)
 	case len(p.Metadata) > 0 && !json.Valid(p.Metadata):
 		return schema.Invalid("metadata", "must be JSON")
 	}
@@ -161,6 +167,9 @@ func (b *Base) photoList(ctx context.Context, db sqlx.QueryerContext, f PhotoFil
 	var where []string
 	var args []any
 	if f.UserID != "" {
+		if err := validExternalID(f.UserID); err != nil {
+			return nil, 0, err
+		}
 		where, args = append(where, "u.external_id = ?"), append(args, f.UserID)
 	}
 	if f.Style != "" {

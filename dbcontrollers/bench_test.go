@@ -15,9 +15,9 @@ import (
 // assert nothing about time.
 
 func BenchmarkJobInsert(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			s := openStore(b, n.Cfg)
+			s := openStore(b, n.Config(b))
 			ctx := testContext(b)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -32,9 +32,9 @@ func BenchmarkJobInsert(b *testing.B) {
 // BenchmarkJobLifecycle is one job's database work from submit to success:
 // insert, claim the head of the queue, running, storing, succeeded.
 func BenchmarkJobLifecycle(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			s := openStore(b, n.Cfg)
+			s := openStore(b, n.Config(b))
 			ctx := testContext(b)
 			until := time.Now().Add(time.Hour)
 			b.ResetTimer()
@@ -68,9 +68,9 @@ func BenchmarkJobLifecycle(b *testing.B) {
 // BenchmarkJobClaimNextParallel has parallel workers claiming from a deep
 // queue; each op is one claim.
 func BenchmarkJobClaimNextParallel(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			s := openStore(b, n.Cfg)
+			s := openStore(b, n.Config(b))
 			ctx := testContext(b)
 			for i := 0; i < b.N; i++ {
 				if err := s.JobInsert(ctx, newJob("style", "u", i%7)); err != nil {
@@ -93,9 +93,9 @@ func BenchmarkJobClaimNextParallel(b *testing.B) {
 }
 
 func BenchmarkCreditsApply(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			c := openControllerB(b, n.Cfg)
+			c := openControllerB(b, n.Config(b))
 			ctx := testContext(b)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -108,9 +108,9 @@ func BenchmarkCreditsApply(b *testing.B) {
 }
 
 func BenchmarkPhotoInsert(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			c := openControllerB(b, n.Cfg)
+			c := openControllerB(b, n.Config(b))
 			ctx := testContext(b)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -123,9 +123,9 @@ func BenchmarkPhotoInsert(b *testing.B) {
 }
 
 func BenchmarkPhotoList(b *testing.B) {
-	for _, n := range dbtest.Configs(b) {
+	for _, n := range dbtest.Configs() {
 		b.Run(n.Name, func(b *testing.B) {
-			c := openControllerB(b, n.Cfg)
+			c := openControllerB(b, n.Config(b))
 			ctx := testContext(b)
 			for i := 0; i < 500; i++ {
 				if err := c.PhotoInsert(ctx, c.DB(), photo(fmt.Sprint("u", i%5), fmt.Sprint("job-", i), 0, "")); err != nil {

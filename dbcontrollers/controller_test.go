@@ -64,6 +64,8 @@ func TestControllerConformance(t *testing.T) {
 				t.Run("photos", func(t *testing.T) { testPhotos(t, c) })
 				t.Run("photo_idempotent", func(t *testing.T) { testPhotoIdempotent(t, c) })
 				t.Run("photo_delete", func(t *testing.T) { testPhotoDelete(t, c) })
+				t.Run("ident_exact", func(t *testing.T) { testIdentExact(t, c) })
+				t.Run("nickname", func(t *testing.T) { testNickname(t, c) })
 				t.Run("accept", func(t *testing.T) {
 					if err := c.AcceptOutput("image/png"); err != nil {
 						t.Errorf("image/png refused: %v", err)

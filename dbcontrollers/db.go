@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -248,6 +249,9 @@ func openSQLite(ctx context.Context, cfg Config, name string) (*DB, error) {
 		return nil, fmt.Errorf("sqlite: create data folder: %w", err)
 	}
 	file := filepath.Join(dir, name+".db")
+	if err := privateFiles(file, cfg.Logger); err != nil {
+		return nil, err
+	}
 	dsn := file + "?" + strings.Join([]string{
 		fmt.Sprintf("_pragma=busy_timeout(%d)", sqliteBusyTimeout.Milliseconds()),
 		"_pragma=journal_mode(WAL)",
@@ -279,6 +283,34 @@ func openSQLite(ctx context.Context, cfg Config, name string) (*DB, error) {
 		return nil, err
 	}
 	return db, nil
+}
+
+// sqliteFileMode is the mode of the SQLite files: they hold users and their
+// e-mail addresses, so only the owner may read them (like the secret).
+const sqliteFileMode = 0o600
+
+// privateFiles creates the database file with sqliteFileMode before SQLite
+// opens it (SQLite gives its -wal and -shm files the database file's mode),
+// and takes group and other access away from files an older release
+// created 0644. A file it may not chmod is left as it is, with a warning.
+func privateFiles(file string, log *slog.Logger) error {
+	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE|os.O_EXCL, sqliteFileMode)
+	if err == nil {
+		return f.Close()
+	}
+	if !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("sqlite: create %s: %w", file, err)
+	}
+	for _, p := range []string{file, file + "-wal", file + "-shm"} {
+		fi, err := os.Stat(p)
+		if err != nil || fi.Mode().Perm()&0o077 == 0 {
+			continue
+		}
+		if err := os.Chmod(p, fi.Mode().Perm()&^0o077); err != nil && log != nil {
+			log.Warn("sqlite file readable by others; chmod failed", "file", p, "err", err)
+		}
+	}
+	return nil
 }
 
 // mysqlConfig parses the configured DSN and sets what this package relies

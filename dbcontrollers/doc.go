@@ -15,6 +15,13 @@
 // one database run one at a time: a named server lock on MySQL, a
 // per-file lock within the process on SQLite.
 //
+// Identifiers (job ids, user ids, idempotency keys, node names, object keys)
+// compare byte for byte on both: SQLite's TEXT collation is binary, and on
+// MySQL they are VARBINARY columns, because utf8mb4_bin pads with spaces
+// ('bob ' = 'bob'). Since a byte column takes any bytes, the controllers
+// check UTF-8 and refuse ids with white space at an end (schema.CheckIdent).
+// SQLite files are created 0600.
+//
 // Times are stored in UTC with microseconds: DATETIME(6) on MySQL, fixed-width
 // text on SQLite (so text order is time order). Driver errors are translated
 // once, here: no rows is schema.ErrNotFound, a unique-key violation

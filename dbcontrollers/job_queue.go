@@ -41,9 +41,10 @@ func (s *Store) claimArgs(node, owner string, until time.Time) []any {
 }
 
 func validateClaim(node, owner string, until time.Time) error {
+	if err := schema.CheckIdent("node", node, schema.MaxNodeNameBytes); err != nil {
+		return err
+	}
 	switch {
-	case node == "":
-		return schema.Invalid("node", "required")
 	case owner == "":
 		return schema.Invalid("owner", "required")
 	case until.IsZero():

@@ -41,9 +41,10 @@ func (r *nodeRow) node() (*schema.Node, error) {
 // NodeSetDrain, so re-registering a node from the config keeps an operator's
 // drain. n is filled from the stored row.
 func (s *Store) NodeUpsert(ctx context.Context, n *schema.Node) error {
+	if err := schema.CheckIdent("name", n.Name, schema.MaxNodeNameBytes); err != nil {
+		return err
+	}
 	switch {
-	case n.Name == "" || len(n.Name) > 255:
-		return schema.Invalid("name", "must be 1 to 255 bytes")
 	case n.URL == "" || len(n.URL) > 2048:
 		return schema.Invalid("url", "must be 1 to 2048 bytes")
 	case n.MaxInflight < 0:

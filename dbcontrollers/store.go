@@ -54,21 +54,28 @@ func NewJobID(t time.Time) string {
 }
 
 func validateJob(j *schema.Job) error {
+	if err := schema.CheckIdent("user_id", j.UserID, schema.MaxUserIDBytes); err != nil {
+		return err
+	}
+	if j.IdempotencyKey != "" {
+		if err := schema.CheckIdent("idempotency_key", j.IdempotencyKey, schema.MaxIdempotencyKeyBytes); err != nil {
+			return err
+		}
+	}
+	if j.ID != "" {
+		if err := schema.CheckIdent("id", j.ID, schema.MaxJobIDBytes); err != nil {
+			return err
+		}
+	}
 	switch {
 	case !schema.ValidFrontendName(j.Frontend):
 		return schema.Invalid("frontend", "%q is not a valid frontend name", j.Frontend)
-	case j.UserID == "" || len(j.UserID) > 255:
-		return schema.Invalid("user_id", "must be 1 to 255 bytes")
 	case j.Priority < schema.MinPriority || j.Priority > schema.MaxPriority:
 		return schema.Invalid("priority", "must be between %d and %d", schema.MinPriority, schema.MaxPriority)
 	case len(j.Workflow) == 0 || !json.Valid(j.Workflow):
 		return schema.Invalid("workflow", "must be a JSON object")
 	case len(j.Metadata) > 0 && !json.Valid(j.Metadata):
 		return schema.Invalid("metadata", "must be JSON")
-	case len(j.IdempotencyKey) > 255:
-		return schema.Invalid("idempotency_key", "must be at most 255 bytes")
-	case len(j.ID) > 64:
-		return schema.Invalid("id", "must be at most 64 bytes")
 	case j.State != "" && !j.State.Valid():
 		return schema.Invalid("state", "unknown state %q", j.State)
 	}

@@ -302,6 +302,44 @@ func TestJobClaimRace(t *testing.T) {
 	})
 }
 
+// TestJobClaimOnlyQueued: claiming a job that is no longer queued is
+// refused and changes nothing, one claim after another (no race needed).
+func TestJobClaimOnlyQueued(t *testing.T) {
+	t.Parallel()
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		t.Parallel()
+		ctx := testContext(t)
+		s := openStore(t, cfg)
+		until := time.Now().Add(time.Minute)
+		claim := func(id, node string) (*schema.Job, error) {
+			return s.JobClaim(ctx, dbcontrollers.ClaimParams{ID: id, Node: node, Owner: "o-" + node, LeaseUntil: until})
+		}
+		j := mustInsert(t, s, newJob("style", "u", 0))
+		if _, err := claim(j.ID, "n1"); err != nil {
+			t.Fatal(err)
+		}
+		_, err := claim(j.ID, "n2")
+		wantErr(t, err, schema.ErrConflict)
+		got, err := s.JobGet(ctx, j.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.State != schema.JobDispatched || got.Node != "n1" || got.Attempts != 1 || got.LeaseOwner != "o-n1" {
+			t.Errorf("dispatched job after a refused claim = %+v", got)
+		}
+		for _, st := range []schema.JobState{schema.JobRunning, schema.JobStoring, schema.JobSucceeded} {
+			if _, err := s.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: j.ID, From: []schema.JobState{got.State}, State: st}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := claim(j.ID, "n3")
+			wantErr(t, err, schema.ErrConflict)
+			if got, err = s.JobGet(ctx, j.ID); err != nil || got.State != st || got.Node != "n1" || got.Attempts != 1 {
+				t.Errorf("%s job after a refused claim = %+v, %v", st, got, err)
+			}
+		}
+	})
+}
+
 func TestJobClaimNextOrderAndNoDoubleClaim(t *testing.T) {
 	t.Parallel()
 	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {

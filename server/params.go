@@ -11,8 +11,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/utils"
@@ -126,25 +124,6 @@ func typeName(kind string) string {
 func jsonObject(raw json.RawMessage) bool {
 	raw = bytes.TrimSpace(raw)
 	return len(raw) > 1 && raw[0] == '{' && json.Valid(raw)
-}
-
-// checkUserID validates a frontend's user id: 1-128 bytes of printable UTF-8.
-func checkUserID(field, id string) error {
-	if id == "" {
-		return schema.Invalid(field, "required")
-	}
-	if len(id) > 128 {
-		return schema.Invalid(field, "longer than 128 bytes")
-	}
-	if !utf8.ValidString(id) {
-		return schema.Invalid(field, "not valid UTF-8")
-	}
-	for _, r := range id {
-		if !unicode.IsPrint(r) {
-			return schema.Invalid(field, "contains a control or invisible character")
-		}
-	}
-	return nil
 }
 
 // checkIdempotencyKey validates an Idempotency-Key header value.

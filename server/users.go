@@ -21,8 +21,8 @@ type userBody struct {
 }
 
 func (b *userBody) validate() error {
-	if utf8.RuneCountInString(b.Nickname) > 64 || !utf8.ValidString(b.Nickname) {
-		return schema.Invalid("nickname", "at most 64 characters of UTF-8")
+	if utf8.RuneCountInString(b.Nickname) > schema.MaxNicknameRunes || !utf8.ValidString(b.Nickname) {
+		return schema.Invalid("nickname", "at most %d characters of UTF-8", schema.MaxNicknameRunes)
 	}
 	if b.Email != "" {
 		if len(b.Email) > 254 {

@@ -1143,13 +1143,14 @@ func FuzzProbeAllowList(f *testing.F) {
 // and MySQL when reachable): what it stores survives a restart.
 func TestNodesWithStore(t *testing.T) {
 	t.Parallel()
-	for _, db := range dbtest.Configs(t) {
+	for _, db := range dbtest.Configs() {
 		t.Run(db.Name, func(t *testing.T) {
 			t.Parallel()
+			cfg := db.Config(t)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
 			open := func() *Nodes {
-				cdb, err := dbcontrollers.OpenControl(ctx, db.Cfg)
+				cdb, err := dbcontrollers.OpenControl(ctx, cfg)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -33,25 +33,29 @@ const (
 	DefaultMySQLDSN = "root@tcp(127.0.0.1:3306)/"
 )
 
-// Named is one database configuration to run a test on.
+// Named is one database to run a test on. Its configuration is made inside
+// the subtest (Config), so that a MySQL that cannot be used shows as that
+// subtest's skip.
 type Named struct {
 	Name string // "sqlite" or "mysql"
-	Cfg  dbcontrollers.Config
 }
 
-// Configs returns SQLite (in t.TempDir()) and, when reachable, MySQL with a
-// fresh database prefix. An unreachable MySQL is left out with a logged
-// reason (also printed once to stderr), or fails t when
-// COMFYFARM_REQUIRE_MYSQL=1.
-func Configs(t testing.TB) []Named {
+// Configs names both databases, always: run each as a subtest named Name and
+// call Config in it. An unreachable MySQL then appears as a skipped "mysql"
+// subtest (SKIP in go test -v), or a failed one when COMFYFARM_REQUIRE_MYSQL=1.
+func Configs() []Named {
+	return []Named{{Name: dbcontrollers.DialectSQLite}, {Name: dbcontrollers.DialectMySQL}}
+}
+
+// Config returns a fresh configuration of the database for t: SQLite in a
+// new temporary folder, or MySQL with a new prefix (t skipped when MySQL is
+// not reachable, failed when it is required).
+func (n Named) Config(t testing.TB) dbcontrollers.Config {
 	t.Helper()
-	out := []Named{{Name: dbcontrollers.DialectSQLite, Cfg: SQLite(t)}}
-	cfg, reason := mysqlConfig(t)
-	if reason != "" {
-		t.Log(reason)
-		return out
+	if n.Name == dbcontrollers.DialectMySQL {
+		return MySQL(t)
 	}
-	return append(out, Named{Name: dbcontrollers.DialectMySQL, Cfg: cfg})
+	return SQLite(t)
 }
 
 // Each runs fn as a subtest per database: "sqlite" and "mysql". The MySQL
@@ -59,8 +63,9 @@ func Configs(t testing.TB) []Named {
 // reachable. fn may call t.Parallel.
 func Each(t *testing.T, fn func(t *testing.T, cfg dbcontrollers.Config)) {
 	t.Helper()
-	t.Run(dbcontrollers.DialectSQLite, func(t *testing.T) { fn(t, SQLite(t)) })
-	t.Run(dbcontrollers.DialectMySQL, func(t *testing.T) { fn(t, MySQL(t)) })
+	for _, n := range Configs() {
+		t.Run(n.Name, func(t *testing.T) { fn(t, n.Config(t)) })
+	}
 }
 
 // SQLite returns a SQLite config in a fresh temporary folder.

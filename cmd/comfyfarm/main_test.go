@@ -65,15 +65,24 @@ func TestServeSmoke(t *testing.T) {
 		t.Fatalf("serve did not start\n%s", errb.String())
 	}
 	client := &http.Client{Timeout: 30 * time.Second}
+	// Alive at once; ready once the scheduler has loaded its queue, a moment
+	// after the server listens.
+	deadline := time.Now().Add(30 * time.Second)
 	for _, path := range []string{"/healthz", "/readyz"} {
-		res, err := client.Get(base + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
-			t.Fatalf("%s: %d %s", path, res.StatusCode, body)
+		for {
+			res, err := client.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode == 200 && strings.Contains(string(body), `"status":"ok"`) {
+				break
+			}
+			if path == "/healthz" || time.Now().After(deadline) {
+				t.Fatalf("%s: %d %s", path, res.StatusCode, body)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 

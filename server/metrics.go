@@ -100,7 +100,7 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	}
 	elapsed := time.Since(start)
 	code := strconv.Itoa(status)
-	method := c.Method()
+	method := methodLabel(c.Method())
 	s.metrics.requests.WithLabelValues(method, route, code).Inc()
 	s.metrics.duration.WithLabelValues(method, route, code).Observe(elapsed.Seconds())
 
@@ -123,6 +123,33 @@ func (s *Server) observe(c *fiber.Ctx) error {
 		)
 	}
 	return nil
+}
+
+// methodLabel maps a request method to a constant label value: a label is
+// kept by its series for the life of the process, so it must not share
+// memory with a request, and unknown methods must not add series.
+func methodLabel(m string) string {
+	switch m {
+	case fiber.MethodGet:
+		return fiber.MethodGet
+	case fiber.MethodHead:
+		return fiber.MethodHead
+	case fiber.MethodPost:
+		return fiber.MethodPost
+	case fiber.MethodPut:
+		return fiber.MethodPut
+	case fiber.MethodPatch:
+		return fiber.MethodPatch
+	case fiber.MethodDelete:
+		return fiber.MethodDelete
+	case fiber.MethodOptions:
+		return fiber.MethodOptions
+	case fiber.MethodConnect:
+		return fiber.MethodConnect
+	case fiber.MethodTrace:
+		return fiber.MethodTrace
+	}
+	return "other"
 }
 
 // responseBytes is the body size, -1 for a stream (whose Body() would drain it).

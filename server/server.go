@@ -100,6 +100,10 @@ type Config struct {
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
 	SubmitPerMinute int // POST /api/v1/jobs, on top of RatePerMinute
+
+	// mutableCtx turns Fiber's Immutable mode off; for the benchmark that
+	// measures what Immutable costs (docs/benchmarks.md).
+	mutableCtx bool
 }
 
 // Deps are the parts the server talks to. Jobs and Nodes may be nil: their
@@ -194,6 +198,14 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		ReadTimeout:           2 * time.Minute,
 		IdleTimeout:           2 * time.Minute,
 		DisableStartupMessage: true,
+		// Strings read from a Ctx (method, path, params, query, headers) are
+		// copies, not views of fasthttp's request buffers, which are reused
+		// for the connection's next request. Values kept past the handler —
+		// metrics labels, maps, goroutines, a WebSocket after its upgrade —
+		// then stay what they were. The cost is a few small allocations per
+		// request (docs/benchmarks.md). Request().Body() and other fasthttp
+		// byte slices are not covered: they are copied where they are kept.
+		Immutable: !cfg.mutableCtx,
 		// Multipart forms are parsed by the handler, after authentication,
 		// not by fasthttp while it reads any request.
 		DisablePreParseMultipartForm: true,

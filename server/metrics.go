@@ -22,6 +22,8 @@ type httpMetrics struct {
 	requests *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	streams  *prometheus.GaugeVec
+
+	streamsRefused *prometheus.CounterVec
 }
 
 func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
@@ -40,11 +42,18 @@ func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
 			Name: "comfyfarm_event_streams",
 			Help: "Open job event streams by kind (websocket, sse).",
 		}, []string{"kind"}),
+		streamsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "comfyfarm_event_streams_refused_total",
+			Help: "Event streams refused by the cap that refused them: key (limits.max_streams_per_key), token (per job token), total (limits.max_streams).",
+		}, []string{"reason"}),
 	}
 	for _, kind := range []string{"sse", "websocket"} {
 		m.streams.WithLabelValues(kind) // export 0 before the first stream
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.streams} {
+	for _, r := range []streamRefusal{streamRefusedKey, streamRefusedToken, streamRefusedTotal} {
+		m.streamsRefused.WithLabelValues(r.String())
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.streams, m.streamsRefused} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {

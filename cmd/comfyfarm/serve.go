@@ -125,18 +125,20 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		deps.Files = a.local
 	}
 	a.server, err = server.New(server.Config{
-		AdminKey:        a.secrets.adminKey,
-		MetricsKey:      cfg.MetricsKey,
-		FrontendKeys:    keys,
-		MaxBodyBytes:    cfg.Limits.MaxBodyMB << 20,
-		MaxUploadBytes:  int64(cfg.Limits.MaxUploadMB) << 20,
-		TokenSecret:     a.secrets.derive("events-token"),
-		TokenTTL:        cfg.Events.TokenTTL,
-		KeepAlive:       cfg.Events.KeepAlive,
-		ShutdownTimeout: cfg.ShutdownTimeout,
-		Version:         buildVersion(),
-		RatePerMinute:   cfg.Limits.RatePerMinute,
-		SubmitPerMinute: cfg.Limits.SubmitPerMinute,
+		AdminKey:         a.secrets.adminKey,
+		MetricsKey:       cfg.MetricsKey,
+		FrontendKeys:     keys,
+		MaxBodyBytes:     cfg.Limits.MaxBodyMB << 20,
+		MaxUploadBytes:   int64(cfg.Limits.MaxUploadMB) << 20,
+		TokenSecret:      a.secrets.derive("events-token"),
+		TokenTTL:         cfg.Events.TokenTTL,
+		KeepAlive:        cfg.Events.KeepAlive,
+		ShutdownTimeout:  cfg.ShutdownTimeout,
+		Version:          buildVersion(),
+		RatePerMinute:    cfg.Limits.RatePerMinute,
+		SubmitPerMinute:  cfg.Limits.SubmitPerMinute,
+		MaxStreamsPerKey: cfg.Limits.MaxStreamsPerKey,
+		MaxStreams:       cfg.Limits.MaxStreams,
 	}, deps)
 	if err != nil {
 		return nil, err

@@ -120,16 +120,21 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	}
 	if s.log.Enabled(c.UserContext(), level) {
 		rid, _ := c.Locals("requestid").(string)
-		s.log.Log(c.UserContext(), level, "http",
+		attrs := []any{
 			"method", method,
 			"route", route,
 			"path", c.Path(),
 			"status", status,
-			"duration_ms", float64(elapsed.Microseconds())/1000,
+			"duration_ms", float64(elapsed.Microseconds()) / 1000,
 			"bytes", responseBytes(c),
 			"ip", c.IP(),
 			"request_id", rid,
-		)
+		}
+		if err, ok := c.Locals(localError).(error); ok && status < 500 {
+			// What the client was not told (5xx are logged with it already).
+			attrs = append(attrs, "err", err.Error())
+		}
+		s.log.Log(c.UserContext(), level, "http", attrs...)
 	}
 	return nil
 }

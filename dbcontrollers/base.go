@@ -387,7 +387,7 @@ func (b *Base) CreditsApply(ctx context.Context, db sqlx.ExtContext, p CreditPar
 		}
 		next := balance + p.Delta
 		if next < 0 {
-			return fmt.Errorf("%w: balance %d, change %d", schema.ErrInsufficientCredits, balance, p.Delta)
+			return &schema.InsufficientCreditsError{Balance: balance, Change: p.Delta}
 		}
 		now := b.now()
 		res, err := tx.ExecContext(ctx,

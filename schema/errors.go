@@ -21,6 +21,20 @@ var (
 	ErrNotReady            = errors.New("not ready")
 )
 
+// InsufficientCreditsError is a credit change refused because the balance
+// would go below 0. It matches ErrInsufficientCredits.
+type InsufficientCreditsError struct {
+	Balance int64 // before the change
+	Change  int64 // the refused change (negative)
+}
+
+func (e *InsufficientCreditsError) Error() string {
+	return fmt.Sprintf("%v: balance %d, change %d", ErrInsufficientCredits, e.Balance, e.Change)
+}
+
+// Is makes errors.Is(err, ErrInsufficientCredits) hold.
+func (e *InsufficientCreditsError) Is(target error) bool { return target == ErrInsufficientCredits }
+
 // ValidationError is bad input: a field and the reason it was refused.
 type ValidationError struct {
 	Field  string

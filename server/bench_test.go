@@ -5,8 +5,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"testing"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/valyala/fasthttp"
 
 	"github.com/comfyfarm/comfyfarm/dbcontrollers/dbtest"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -95,5 +100,40 @@ func BenchmarkSSEEvents(b *testing.B) {
 	}
 	if n != b.N {
 		b.Fatalf("%d events, want %d", n, b.N)
+	}
+}
+
+// BenchmarkHandlerJobGet: the server's own cost for one authenticated GET
+// /jobs/{id}, run in-process on a fasthttp.RequestCtx (no network), with
+// Fiber's Immutable mode on (as served) and off (for comparison).
+func BenchmarkHandlerJobGet(b *testing.B) {
+	for _, mode := range []struct {
+		name    string
+		mutable bool
+	}{{"immutable", false}, {"mutable", true}} {
+		b.Run(mode.name, func(b *testing.B) {
+			bb := setup(b, dbtest.SQLite(b), func(c *Config, d *Deps) {
+				c.mutableCtx = mode.mutable
+				d.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+			})
+			j := bb.jobs.add("style", "u1", schema.JobRunning)
+			h := bb.srv.App().Handler()
+			var ctx fasthttp.RequestCtx
+			ctx.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5000}, nil)
+			uri := "/api/v1/jobs/" + j.ID + "?frontend=style"
+			b.ReportAllocs()
+			for b.Loop() {
+				ctx.Request.Reset()
+				ctx.Response.Reset()
+				ctx.Request.Header.SetMethod(fiber.MethodGet)
+				ctx.Request.SetRequestURI(uri)
+				ctx.Request.Header.Set(fiber.HeaderAuthorization, "Bearer "+styleKey)
+				ctx.Request.Header.Set(fiber.HeaderXRequestID, "bench-request-0001")
+				h(&ctx)
+				if ctx.Response.StatusCode() != 200 {
+					b.Fatalf("status %d: %s", ctx.Response.StatusCode(), ctx.Response.Body())
+				}
+			}
+		})
 	}
 }

@@ -42,27 +42,47 @@ func (e *apiError) with(key string, value any) *apiError {
 	return e
 }
 
+// localError holds a failed request's error for the access log.
+const localError = "comfyfarm.error"
+
 // statusClientClosed is logged (never sent: the client is gone) when a
 // request's context ended because the client went away.
 const statusClientClosed = 499
 
+// sentinels map the vocabulary's errors to what the client sees. The
+// message is the sentinel's own: the chain wrapped around it ("style: credits
+// of cu2: ...") names internal steps and goes to the log only. With reason
+// set, the text the sentinel was wrapped with on its right ("no node can run
+// this workflow: the closest lacks X") is about the request itself and goes
+// to details.reason.
 var sentinels = []struct {
 	err     error
 	status  int
 	code    string
 	message string
+	reason  bool
 }{
-	{schema.ErrNotFound, http.StatusNotFound, "not_found", "not found"},
-	{schema.ErrTerminal, http.StatusConflict, "job_terminal", "job already finished"},
-	{schema.ErrConflict, http.StatusConflict, "conflict", "conflict"},
-	{schema.ErrUnknownFrontend, http.StatusNotFound, "unknown_frontend", "unknown frontend"},
-	{schema.ErrNoNode, http.StatusServiceUnavailable, "no_node", "no node can run this workflow"},
-	{schema.ErrInsufficientCredits, http.StatusPaymentRequired, "insufficient_credits", "not enough credits"},
-	{schema.ErrTooLarge, http.StatusRequestEntityTooLarge, "too_large", "too large"},
-	{schema.ErrUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type", "unsupported media type"},
-	{schema.ErrUnauthorized, http.StatusUnauthorized, "unauthorized", "missing or unknown api key"},
-	{schema.ErrForbidden, http.StatusForbidden, "forbidden", "key not valid for this frontend"},
-	{schema.ErrNotReady, http.StatusServiceUnavailable, "not_ready", "not ready"},
+	{schema.ErrNotFound, http.StatusNotFound, "not_found", "not found", false},
+	{schema.ErrTerminal, http.StatusConflict, "job_terminal", "job already finished", false},
+	{schema.ErrConflict, http.StatusConflict, "conflict", "conflict", false},
+	{schema.ErrUnknownFrontend, http.StatusNotFound, "unknown_frontend", "unknown frontend", false},
+	{schema.ErrNoNode, http.StatusServiceUnavailable, "no_node", "no node can run this workflow", true},
+	{schema.ErrInsufficientCredits, http.StatusPaymentRequired, "insufficient_credits", "not enough credits", false},
+	{schema.ErrTooLarge, http.StatusRequestEntityTooLarge, "too_large", "too large", true},
+	{schema.ErrUnsupportedMedia, http.StatusUnsupportedMediaType, "unsupported_media_type", "unsupported media type", true},
+	{schema.ErrUnauthorized, http.StatusUnauthorized, "unauthorized", "missing or unknown api key", false},
+	{schema.ErrForbidden, http.StatusForbidden, "forbidden", "forbidden", true},
+	{schema.ErrNotReady, http.StatusServiceUnavailable, "not_ready", "not ready", false},
+}
+
+// reasonAfter is the text err's chain carries after sentinel's own ("X: Y"
+// gives Y), or "".
+func reasonAfter(err, sentinel error) string {
+	msg, own := err.Error(), sentinel.Error()+": "
+	if i := strings.LastIndex(msg, own); i >= 0 {
+		return msg[i+len(own):]
+	}
+	return ""
 }
 
 // classify maps any error to what the client sees.
@@ -83,13 +103,17 @@ func classify(err error) *apiError {
 		return e
 	}
 	for _, s := range sentinels {
-		if errors.Is(err, s.err) {
-			msg := s.message
-			if s.status < 500 || s.status == http.StatusServiceUnavailable {
-				msg = err.Error()
-			}
-			return &apiError{Status: s.status, Code: s.code, Message: msg, cause: err}
+		if !errors.Is(err, s.err) {
+			continue
 		}
+		e := &apiError{Status: s.status, Code: s.code, Message: s.message, cause: err}
+		var ice *schema.InsufficientCreditsError
+		if errors.As(err, &ice) {
+			e.with("balance", ice.Balance).with("cost", -ice.Change)
+		} else if r := reasonAfter(err, s.err); s.reason && r != "" {
+			e.with("reason", r)
+		}
+		return e
 	}
 	var fe *fiber.Error
 	if errors.As(err, &fe) {
@@ -128,6 +152,9 @@ func fiberError(fe *fiber.Error) *apiError {
 // 5xx are logged, and a 500 never tells the client more than "internal error".
 func (s *Server) handleError(c *fiber.Ctx, err error) error {
 	ae := classify(err)
+	if ae.cause != nil {
+		c.Locals(localError, ae.cause) // for the access log: the whole chain
+	}
 	if ae.Status >= 500 {
 		attrs := []any{"err", err, "method", c.Method(), "path", c.Path(), "status", ae.Status}
 		if rid, ok := c.Locals("requestid").(string); ok {

@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/gofiber/contrib/websocket"
@@ -20,11 +19,10 @@ import (
 
 const localStream = "comfyfarm.stream"
 
-// Stream I/O bounds.
+// WebSocket I/O bounds.
 const (
-	streamWriteTimeout = 10 * time.Second
-	wsCloseWait        = 2 * time.Second
-	wsReadLimit        = 4096
+	wsCloseWait = 2 * time.Second
+	wsReadLimit = 4096
 )
 
 // streamReq is an authorised request to follow one job's events.
@@ -34,40 +32,8 @@ type streamReq struct {
 	after    int64
 	previews bool
 	token    bool // authorised by the job's events token, not a key
+	key      int  // the API key's index in the keyring (keyed streams)
 }
-
-// maxTokenStreamsPerJob bounds the streams open at once on one job's events
-// token. Keyed streams count against the key's rate limit instead; a token
-// is not limited that way, and whoever holds one could otherwise open
-// streams without end.
-const maxTokenStreamsPerJob = 32
-
-// streamSlots counts the token streams open per job.
-type streamSlots struct {
-	mu   sync.Mutex
-	open map[string]int
-}
-
-func (s *streamSlots) take(jobID string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.open[jobID] >= maxTokenStreamsPerJob {
-		return false
-	}
-	s.open[jobID]++
-	return true
-}
-
-func (s *streamSlots) give(jobID string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.open[jobID]--; s.open[jobID] <= 0 {
-		delete(s.open, jobID)
-	}
-}
-
-var errTooManyStreams = newAPIError(http.StatusTooManyRequests, "rate_limited",
-	"too many event streams are open on this job's token; close one first")
 
 // events serves GET /api/v1/jobs/{id}/events: a WebSocket when the request
 // asks for an upgrade, Server-Sent Events when it accepts text/event-stream.
@@ -92,6 +58,7 @@ func (s *Server) events(c *fiber.Ctx) error {
 			return err
 		}
 		c.Locals(localPrincipal, who)
+		req.key = who.key
 		// A stream counts as one request, at connect.
 		if err := s.limit(c, who, limitRequests); err != nil {
 			return err
@@ -183,15 +150,19 @@ func (s *Server) keepAlive(jobID string, last int64) schema.Event {
 
 // sse streams events as Server-Sent Events: "id: seq", "event: type",
 // "data: the JSON object", and ": keepalive" comment lines.
+//
+// A client that stops reading is dropped, not buffered for: fasthttp copies
+// what the stream writer produces to the connection, and every write to the
+// connection must finish within Config.StreamWriteTimeout.
 func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
-	if req.token && !s.slots.take(req.jobID) {
-		return errTooManyStreams
-	}
-	release := func() {
-		if req.token {
-			s.slots.give(req.jobID)
+	if r := s.takeStream(req); r != streamAllowed {
+		if r == streamRefusedTotal {
+			c.Set(fiber.HeaderRetryAfter, "5")
 		}
+		return s.streamError(r)
 	}
+	release := func() { s.streams.give(req) }
+	conn := c.Context().Conn()
 	ctx, cancel := context.WithCancel(context.Background())
 	ch, unsubscribe, err := jobs.Subscribe(ctx, req.jobID, req.after, req.previews)
 	if err != nil {
@@ -202,6 +173,9 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 	c.Set(fiber.HeaderContentType, "text/event-stream; charset=utf-8")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
+	// The write deadline set for the stream stays on the connection, so it
+	// is not kept for another request.
+	c.Context().SetConnectionClose()
 	c.Status(http.StatusOK)
 	s.metrics.streams.WithLabelValues("sse").Inc()
 	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
@@ -211,7 +185,13 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 		defer unsubscribe()
 		ticker := time.NewTicker(s.cfg.KeepAlive)
 		defer ticker.Stop()
-		if _, err := w.WriteString("retry: 2000\n\n"); err != nil || w.Flush() != nil {
+		// flush hands what w holds to fasthttp, which writes it to the
+		// connection under the deadline set here.
+		flush := func() bool {
+			_ = conn.SetWriteDeadline(time.Now().Add(s.cfg.StreamWriteTimeout))
+			return w.Flush() == nil
+		}
+		if _, err := w.WriteString("retry: 2000\n\n"); err != nil || !flush() {
 			return
 		}
 		for {
@@ -232,14 +212,14 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 				w.WriteString("\ndata: ")
 				w.Write(data)
 				w.WriteString("\n\n")
-				if err := w.Flush(); err != nil {
+				if !flush() {
 					return
 				}
 				if ev.Type.Terminal() {
 					return
 				}
 			case <-ticker.C:
-				if _, err := w.WriteString(": keepalive\n\n"); err != nil || w.Flush() != nil {
+				if _, err := w.WriteString(": keepalive\n\n"); err != nil || !flush() {
 					return
 				}
 			case <-s.done:
@@ -296,12 +276,18 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 		closeCode, closeText = websocket.CloseTryAgainLater, "not ready"
 		return
 	}
-	if req.token {
-		if !s.slots.take(req.jobID) {
-			closeCode, closeText = websocket.ClosePolicyViolation, "too many event streams on this job's token"
-			return
-		}
-		defer s.slots.give(req.jobID)
+	switch s.takeStream(req) {
+	case streamAllowed:
+		defer s.streams.give(req)
+	case streamRefusedKey:
+		closeCode, closeText = websocket.ClosePolicyViolation, "too many event streams on this api key"
+		return
+	case streamRefusedToken:
+		closeCode, closeText = websocket.ClosePolicyViolation, "too many event streams on this job's token"
+		return
+	case streamRefusedTotal:
+		closeCode, closeText = websocket.CloseTryAgainLater, "too many event streams on this server"
+		return
 	}
 	ch, unsubscribe, err := jobs.Subscribe(ctx, req.jobID, req.after, req.previews)
 	if err != nil {
@@ -319,7 +305,7 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 			s.log.Error("encode event", "job_id", req.jobID, "err", err)
 			return false
 		}
-		_ = conn.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
+		_ = conn.SetWriteDeadline(time.Now().Add(s.cfg.StreamWriteTimeout))
 		return conn.WriteMessage(websocket.TextMessage, data) == nil
 	}
 	for {

@@ -22,6 +22,8 @@ type httpMetrics struct {
 	requests *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	streams  *prometheus.GaugeVec
+
+	streamsRefused *prometheus.CounterVec
 }
 
 func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
@@ -40,11 +42,18 @@ func newHTTPMetrics(reg *prometheus.Registry) (*httpMetrics, error) {
 			Name: "comfyfarm_event_streams",
 			Help: "Open job event streams by kind (websocket, sse).",
 		}, []string{"kind"}),
+		streamsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "comfyfarm_event_streams_refused_total",
+			Help: "Event streams refused by the cap that refused them: key (limits.max_streams_per_key), token (per job token), total (limits.max_streams).",
+		}, []string{"reason"}),
 	}
 	for _, kind := range []string{"sse", "websocket"} {
 		m.streams.WithLabelValues(kind) // export 0 before the first stream
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.streams} {
+	for _, r := range []streamRefusal{streamRefusedKey, streamRefusedToken, streamRefusedTotal} {
+		m.streamsRefused.WithLabelValues(r.String())
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.streams, m.streamsRefused} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {
@@ -100,7 +109,7 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	}
 	elapsed := time.Since(start)
 	code := strconv.Itoa(status)
-	method := c.Method()
+	method := methodLabel(c.Method())
 	s.metrics.requests.WithLabelValues(method, route, code).Inc()
 	s.metrics.duration.WithLabelValues(method, route, code).Observe(elapsed.Seconds())
 
@@ -111,18 +120,50 @@ func (s *Server) observe(c *fiber.Ctx) error {
 	}
 	if s.log.Enabled(c.UserContext(), level) {
 		rid, _ := c.Locals("requestid").(string)
-		s.log.Log(c.UserContext(), level, "http",
+		attrs := []any{
 			"method", method,
 			"route", route,
 			"path", c.Path(),
 			"status", status,
-			"duration_ms", float64(elapsed.Microseconds())/1000,
+			"duration_ms", float64(elapsed.Microseconds()) / 1000,
 			"bytes", responseBytes(c),
 			"ip", s.requestIP(c),
 			"request_id", rid,
-		)
+		}
+		if err, ok := c.Locals(localError).(error); ok && status < 500 {
+			// What the client was not told (5xx are logged with it already).
+			attrs = append(attrs, "err", err.Error())
+		}
+		s.log.Log(c.UserContext(), level, "http", attrs...)
 	}
 	return nil
+}
+
+// methodLabel maps a request method to a constant label value: a label is
+// kept by its series for the life of the process, so it must not share
+// memory with a request, and unknown methods must not add series.
+func methodLabel(m string) string {
+	switch m {
+	case fiber.MethodGet:
+		return fiber.MethodGet
+	case fiber.MethodHead:
+		return fiber.MethodHead
+	case fiber.MethodPost:
+		return fiber.MethodPost
+	case fiber.MethodPut:
+		return fiber.MethodPut
+	case fiber.MethodPatch:
+		return fiber.MethodPatch
+	case fiber.MethodDelete:
+		return fiber.MethodDelete
+	case fiber.MethodOptions:
+		return fiber.MethodOptions
+	case fiber.MethodConnect:
+		return fiber.MethodConnect
+	case fiber.MethodTrace:
+		return fiber.MethodTrace
+	}
+	return "other"
 }
 
 // responseBytes is the body size, -1 for a stream (whose Body() would drain it).

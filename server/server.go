@@ -86,23 +86,35 @@ func (f PingFunc) Ping(ctx context.Context) error { return f(ctx) }
 
 // Config holds the server's settings. Zero values get the defaults noted.
 type Config struct {
-	AdminKey        string              // required
-	MetricsKey      string              // when set, /metrics needs it (or the admin key) as a bearer key
-	FrontendKeys    map[string][]string // frontend name -> its API keys
-	MaxBodyBytes    int                 // whole request body; default 32 MiB
-	MaxUploadBytes  int64               // one uploaded file; default 20 MiB
-	TokenSecret     []byte              // signs event tokens; required, >= 16 bytes
-	TokenTTL        time.Duration       // event token lifetime; default 1h
-	KeepAlive       time.Duration       // event stream keep-alive; default 15s
-	ShutdownTimeout time.Duration       // Run's graceful shutdown; default 10s
-	Version         string              // shown by /healthz
-	NowFunc         func() time.Time    // default time.Now
+	AdminKey       string              // required
+	MetricsKey     string              // when set, /metrics needs it (or the admin key) as a bearer key
+	FrontendKeys   map[string][]string // frontend name -> its API keys
+	MaxBodyBytes   int                 // whole request body; default 32 MiB
+	MaxUploadBytes int64               // one uploaded file; default 20 MiB
+	TokenSecret    []byte              // signs event tokens; required, >= 16 bytes
+	TokenTTL       time.Duration       // event token lifetime; default 1h
+	KeepAlive      time.Duration       // event stream keep-alive; default 15s
+	// Event streams open at once per API key (default 2000) and in all
+	// (default 20000); beyond them SSE answers 429 / 503, a WebSocket is
+	// closed with 1008 / 1013.
+	MaxStreamsPerKey int
+	MaxStreams       int
+	// StreamWriteTimeout bounds every write to an event stream's connection:
+	// a client that stops reading is dropped after it. Default 10s.
+	StreamWriteTimeout time.Duration
+	ShutdownTimeout    time.Duration    // Run's graceful shutdown; default 10s
+	Version            string           // shown by /healthz
+	NowFunc            func() time.Time // default time.Now
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
 	SubmitPerMinute int // POST /api/v1/jobs, on top of RatePerMinute
 	// TrustedProxies are the addresses or networks of reverse proxies whose
 	// X-Forwarded-For names the client (for logs); empty: none.
 	TrustedProxies []string
+
+	// mutableCtx turns Fiber's Immutable mode off; for the benchmark that
+	// measures what Immutable costs (docs/benchmarks.md).
+	mutableCtx bool
 }
 
 // Deps are the parts the server talks to. Jobs and Nodes may be nil: their
@@ -134,7 +146,7 @@ type Server struct {
 	wsUpgrade fiber.Handler
 
 	done     chan struct{} // closed on shutdown: event streams end
-	slots    streamSlots   // token streams per job
+	streams  *streamLimits
 	doneOnce sync.Once
 	stopErr  error // of the one app shutdown
 }
@@ -158,6 +170,15 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	}
 	if cfg.KeepAlive <= 0 {
 		cfg.KeepAlive = 15 * time.Second
+	}
+	if cfg.MaxStreamsPerKey <= 0 {
+		cfg.MaxStreamsPerKey = defaultMaxStreamsPerKey
+	}
+	if cfg.MaxStreams <= 0 {
+		cfg.MaxStreams = defaultMaxStreams
+	}
+	if cfg.StreamWriteTimeout <= 0 {
+		cfg.StreamWriteTimeout = 10 * time.Second
 	}
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 10 * time.Second
@@ -196,7 +217,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		metrics: metrics,
 		proxies: proxies,
 		done:    make(chan struct{}),
-		slots:   streamSlots{open: map[string]int{}},
+		streams: newStreamLimits(cfg.MaxStreamsPerKey, cfg.MaxStreams),
 	}
 	s.app = fiber.New(fiber.Config{
 		AppName:               "comfyfarm",
@@ -204,6 +225,14 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		ReadTimeout:           2 * time.Minute,
 		IdleTimeout:           2 * time.Minute,
 		DisableStartupMessage: true,
+		// Strings read from a Ctx (method, path, params, query, headers) are
+		// copies, not views of fasthttp's request buffers, which are reused
+		// for the connection's next request. Values kept past the handler —
+		// metrics labels, maps, goroutines, a WebSocket after its upgrade —
+		// then stay what they were. The cost is a few small allocations per
+		// request (docs/benchmarks.md). Request().Body() and other fasthttp
+		// byte slices are not covered: they are copied where they are kept.
+		Immutable: !cfg.mutableCtx,
 		// Multipart forms are parsed by the handler, after authentication,
 		// not by fasthttp while it reads any request.
 		DisablePreParseMultipartForm: true,

@@ -147,6 +147,9 @@ type LimitsConfig struct {
 	// Per frontend API key (the admin key is never limited); 0: no limit.
 	RatePerMinute   int `yaml:"rate_per_minute"`   // keyed requests
 	SubmitPerMinute int `yaml:"submit_per_minute"` // POST /api/v1/jobs
+	// Event streams (SSE and WebSocket) open at once.
+	MaxStreamsPerKey int `yaml:"max_streams_per_key"` // per API key
+	MaxStreams       int `yaml:"max_streams"`         // in all
 }
 
 // ProbeConfig bounds node probes; Allow lists the networks POST /probe may reach.
@@ -591,6 +594,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Limits.SubmitPerMinute < 0 {
 		bad("limits.submit_per_minute", "must not be negative (0 turns the limit off)")
+	}
+	if c.Limits.MaxStreams < 1 {
+		bad("limits.max_streams", "must be positive")
+	}
+	if c.Limits.MaxStreamsPerKey < 1 || c.Limits.MaxStreamsPerKey > c.Limits.MaxStreams {
+		bad("limits.max_streams_per_key", "want 1 to limits.max_streams (%d)", c.Limits.MaxStreams)
 	}
 
 	positive("probe.timeout", c.Probe.Timeout)

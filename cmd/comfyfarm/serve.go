@@ -139,19 +139,21 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		deps.Scheduler = a.farm
 	}
 	a.server, err = server.New(server.Config{
-		AdminKey:        a.secrets.adminKey,
-		MetricsKey:      cfg.MetricsKey,
-		FrontendKeys:    keys,
-		MaxBodyBytes:    cfg.Limits.MaxBodyMB << 20,
-		MaxUploadBytes:  int64(cfg.Limits.MaxUploadMB) << 20,
-		TokenSecret:     a.secrets.derive("events-token"),
-		TokenTTL:        cfg.Events.TokenTTL,
-		KeepAlive:       cfg.Events.KeepAlive,
-		ShutdownTimeout: cfg.ShutdownTimeout,
-		Version:         buildVersion(),
-		RatePerMinute:   cfg.Limits.RatePerMinute,
-		TrustedProxies:  cfg.Server.TrustedProxies,
-		SubmitPerMinute: cfg.Limits.SubmitPerMinute,
+		AdminKey:         a.secrets.adminKey,
+		MetricsKey:       cfg.MetricsKey,
+		FrontendKeys:     keys,
+		MaxBodyBytes:     cfg.Limits.MaxBodyMB << 20,
+		MaxUploadBytes:   int64(cfg.Limits.MaxUploadMB) << 20,
+		TokenSecret:      a.secrets.derive("events-token"),
+		TokenTTL:         cfg.Events.TokenTTL,
+		KeepAlive:        cfg.Events.KeepAlive,
+		ShutdownTimeout:  cfg.ShutdownTimeout,
+		Version:          buildVersion(),
+		RatePerMinute:    cfg.Limits.RatePerMinute,
+		SubmitPerMinute:  cfg.Limits.SubmitPerMinute,
+		TrustedProxies:   cfg.Server.TrustedProxies,
+		MaxStreamsPerKey: cfg.Limits.MaxStreamsPerKey,
+		MaxStreams:       cfg.Limits.MaxStreams,
 	}, deps)
 	if err != nil {
 		return nil, err

@@ -72,6 +72,7 @@ type dashboardView struct {
 	Capped bool   `json:"capped"`
 	Error  string `json:"error,omitempty"`
 }
+
 func (s *Server) dashboardData(c *fiber.Ctx) error {
 	ctx := c.UserContext()
 	view := dashboardView{Nodes: []schema.NodeView{}, Jobs: map[string]map[schema.JobState]int{}}

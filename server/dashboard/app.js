@@ -300,7 +300,7 @@
       samplesAt = Date.now();
       var samples = v.samples || [];
       var interval = (v.interval_seconds || 10) * 1000;
-      var span = (v.interval_seconds || 10) * (v.capacity || 360);
+      var span = interval * (v.capacity || 360); // ms the ring covers when full
       var times = samples.map(function (s) { return Date.parse(s.t); });
       var t1 = times.length ? times[times.length - 1] : Date.now();
       $("charts-note").textContent = samples.length ? "(a sample every " + v.interval_seconds + " s, " + samples.length + " so far)" : "(no samples yet)";
@@ -439,10 +439,8 @@
     $("job-progress-row").hidden = true;
     $("job-stream").textContent = "";
     $("job-cancel").disabled = true;
-    loadJob().then(function (j) {
-      if (j && !TERMINAL[j.state]) follow(current);
-      else if (j) $("job-stream").textContent = "(finished)";
-    });
+    var c = current;
+    loadJob().then(function (j) { if (j && c === current) follow(c); });
   }
   function jobPath(c, suffix) {
     return "/api/v1/jobs/" + encodeURIComponent(c.id) + (suffix || "") + "?frontend=" + encodeURIComponent(c.frontend);
@@ -490,7 +488,7 @@
     var pct = Math.round(p.percent != null ? p.percent : (p.max ? p.value / p.max * 100 : 0));
     $("job-progress").value = pct;
     $("job-progress").textContent = pct + "%";
-    $("job-progress-label").textContent = "progress " + pct + "%" + (p.node_id ? " (node " + p.node_id + ")" : "");
+    $("job-progress-label").textContent = "progress " + pct + "%" + (p.node_id ? " (at workflow node " + p.node_id + ")" : "");
   }
   function renderError(e) {
     var box = $("job-error");
@@ -545,14 +543,14 @@
 
   function logEvent(ev) {
     var ol = $("job-events");
-    var s = "#" + ev.seq + " " + (ev.time ? new Date(ev.time).toLocaleTimeString() + " " : "") + ev.type;
+    var s = (ev.time ? new Date(ev.time).toLocaleTimeString() + "  " : "") + ev.type;
     if (ev.type === "queued" && ev.position != null) s += " position " + ev.position;
     if (ev.node) s += " node " + ev.node;
     if (ev.type === "progress") s += " " + ev.node_id + " " + ev.value + "/" + ev.max;
     if (ev.type === "executed") s += " " + ev.node_id;
     if (ev.error) s += " " + ev.error.code + ": " + ev.error.message;
     var li = make("li", s);
-    li.value = ev.seq;
+    li.title = "seq " + ev.seq;
     ol.appendChild(li);
     while (ol.children.length > 300) ol.removeChild(ol.firstChild);
     ol.scrollTop = ol.scrollHeight;
@@ -616,7 +614,8 @@
                 try { ev = JSON.parse(data); } catch (e) { continue; }
                 if (ev.seq) last = ev.seq;
                 onEvent(c, ev);
-                if (TERMINAL[ev.type]) done = true;
+                // A finished job's stream may end after its snapshot.
+                if (TERMINAL[ev.type] || (ev.type === "snapshot" && ev.job && TERMINAL[ev.job.state])) done = true;
               }
               return pump();
             });

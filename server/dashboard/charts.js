@@ -3,6 +3,8 @@
 (function () {
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
+  // W is the width of the chart being drawn: its container's, so that one
+  // SVG unit is one pixel and the text keeps its size.
   var W = 640, PAD = { l: 36, r: 10, t: 8, b: 20 };
   var PALETTE = ["#58a6ff", "#d2a8ff", "#3fb950", "#d29922", "#f778ba", "#79c0ff", "#ffa657", "#a5d6ff"];
 
@@ -25,19 +27,22 @@
     return 10 * p;
   }
   function fmtNum(v) { return v >= 10 || v === Math.round(v) ? String(Math.round(v)) : v.toFixed(1); }
-  function ago(seconds) {
+  // ago labels a time span given in milliseconds.
+  function ago(ms) {
+    var seconds = ms / 1000;
     if (seconds >= 120) return "−" + Math.round(seconds / 60) + " min";
     return "−" + Math.round(seconds) + " s";
   }
   function svgFor(container, h, label) {
     container.textContent = "";
+    W = Math.max(320, Math.round(container.clientWidth || 640));
     var svg = el("svg", { viewBox: "0 0 " + W + " " + h, class: "chart", role: "img", "aria-label": label });
     el("title", {}, svg).textContent = label;
     container.appendChild(svg);
     return svg;
   }
   // frame draws the y grid (0, half, max) and the time axis of a window
-  // [t1-span, t1]; it returns the x and y mappings.
+  // [t1-span, t1] (milliseconds); it returns the x and y mappings.
   function frame(svg, h, maxY, t1, span, unit) {
     var x0 = PAD.l, x1 = W - PAD.r, y0 = h - PAD.b, y1 = PAD.t;
     [0, 0.5, 1].forEach(function (f) {
@@ -127,7 +132,7 @@
     var names = Object.keys(rows).sort();
     var rowH = 16, h = PAD.t + Math.max(1, names.length) * (rowH + 4) + PAD.b;
     var svg = svgFor(container, h, label);
-    var x0 = 90, x1 = W - PAD.r;
+    var x0 = 90, x1 = W - PAD.r - 36;
     var xOf = function (t) { return x1 - Math.max(0, Math.min(1, (t1 - t) / span)) * (x1 - x0); };
     if (!names.length) text(svg, x0, PAD.t + 12, "no nodes");
     names.forEach(function (name, r) {
@@ -141,7 +146,7 @@
         var xa = xOf(times[i] - intervalMs), xb = xOf(times[i]);
         el("rect", { x: xa.toFixed(1), y: y, width: Math.max(0.8, xb - xa).toFixed(1), height: rowH, fill: "#58a6ff", "fill-opacity": (0.08 + 0.92 * f).toFixed(2) }, svg);
       });
-      text(svg, x1 - 2, y + 12, now == null ? "" : Math.round(now * 100) + "%", "end");
+      text(svg, x1 + 34, y + 12, now == null ? "" : Math.round(now * 100) + "%", "end");
     });
     [1, 0.5, 0].forEach(function (f) {
       var x = x1 - f * (x1 - x0);

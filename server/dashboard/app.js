@@ -79,6 +79,7 @@
   }
   function signOut(msg) {
     sessionStorage.removeItem(KEY);
+    $("updated").textContent = "";
     clearTimeout(timer);
     closeStream();
     signedIn(false);
@@ -106,17 +107,24 @@
     refresh();
   }
 
+  // refresh runs one round of reads and schedules the next; a round started
+  // meanwhile (by an action or a new view) takes over the schedule.
+  var round = 0;
   function refresh() {
     clearTimeout(timer);
     if (!key()) return;
+    var mine = ++round;
     var work;
     if (view === "overview") work = refreshOverview();
     else if (view === "jobs") work = refreshJobs(true);
     else work = Promise.resolve();
-    work.then(function () { setStatus("updated " + new Date().toLocaleTimeString()); }, function (err) {
+    work.then(function () {
+      $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+      if ($("status").textContent.indexOf("refresh failed") === 0) setStatus("");
+    }, function (err) {
       if (key()) setStatus("refresh failed: " + err.message);
     }).then(function () {
-      if (key()) timer = setTimeout(refresh, REFRESH_MS);
+      if (key() && mine === round) timer = setTimeout(refresh, REFRESH_MS);
     });
   }
 
@@ -642,7 +650,7 @@
     sessionStorage.setItem(KEY, $("key").value);
     $("key").value = "";
     setStatus("signing in…");
-    api("GET", "/api/v1/dashboard").then(function () { route(); }, function (err) {
+    api("GET", "/api/v1/dashboard").then(function () { setStatus("signed in"); route(); }, function (err) {
       if (key()) signOut("sign in failed: " + err.message);
     });
   });

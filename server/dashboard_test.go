@@ -244,3 +244,42 @@ func TestSamplerRun(t *testing.T) {
 		t.Fatalf("sample without a job counter: %+v", smp)
 	}
 }
+
+// The PATCH /nodes/{name} body: any input is a 4xx or an update within the
+// bounds, never a panic.
+func FuzzNodeUpdateBody(f *testing.F) {
+	for _, seed := range []string{
+		`{"max_inflight":4,"tags":["sdxl","a100"]}`, `{"tags":[]}`, `{"tags":null}`, `{"max_inflight":0}`,
+		`{"max_inflight":1e40}`, `{"max_inflight":-1}`, `{"tags":["a b"]}`, `{"tags":[1]}`, `{}`, `[]`, `null`, ``, `{`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		var b nodeUpdateBody
+		err := decodeJSONBytes(body, &b)
+		var p schema.NodeUpdate
+		if err == nil {
+			p, err = b.update()
+		}
+		if err != nil {
+			if ae := classify(err); ae.Status < 400 || ae.Status >= 500 {
+				t.Fatalf("status %d for %q: %v", ae.Status, body, err)
+			}
+			return
+		}
+		if p.MaxInflight == nil && p.Tags == nil {
+			t.Fatalf("%q: an update that changes nothing", body)
+		}
+		if p.MaxInflight != nil && (*p.MaxInflight < 1 || *p.MaxInflight > maxNodeInflight) {
+			t.Fatalf("%q: max_inflight %d", body, *p.MaxInflight)
+		}
+		if len(p.Tags) > maxNodeTags {
+			t.Fatalf("%q: %d tags", body, len(p.Tags))
+		}
+		for _, tag := range p.Tags {
+			if !nodeName.MatchString(tag) {
+				t.Fatalf("%q: tag %q", body, tag)
+			}
+		}
+	})
+}

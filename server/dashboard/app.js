@@ -187,8 +187,10 @@
 
     var st = cell(tr, stateSpan(n.state));
     st.dataset.field = "state";
-    var why = n.reason || n.error || "";
-    if (why) st.appendChild(make("span", why, "reason small"));
+    // reason: why the farm set the state (degraded); error: the last probe's.
+    [n.reason, n.error !== n.reason ? n.error : ""].forEach(function (why) {
+      if (why) st.appendChild(make("span", why, "reason small"));
+    });
 
     var v = cell(tr, "");
     if (n.devices && n.devices.length) {

@@ -250,8 +250,9 @@ func openHash(hash string) chromedp.Action[chromedp.Void] {
 }
 
 // The dashboard in a real headless Chromium: sign in with the admin key,
-// read a finished job's thumbnail, cancel a running job from its page, and
-// drain a node with its button.
+// read a finished job's thumbnail, cancel a running job from its page, drain
+// a node with its button, add a node with the form, set its max in flight
+// and remove it.
 func TestDashboardBrowser(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a browser")
@@ -345,6 +346,40 @@ func TestDashboardBrowser(t *testing.T) {
 			t.Fatalf("gpu-1 is %s after the drain button", v.State)
 		}
 	}
+	// Add a node with the form, raise its limit in its row, remove it.
+	b.run("add gpu-3",
+		chromedp.Evaluate[chromedp.Void](`document.getElementById("addnode").open = true`),
+		chromedp.SendKeys(chromedp.CSS(`#addform input[name="name"]`), "gpu-3"),
+		chromedp.SendKeys(chromedp.CSS(`#addform input[name="url"]`), "http://127.0.0.1:9"),
+		chromedp.SendKeys(chromedp.CSS(`#addform input[name="tags"]`), "spare, test"),
+		chromedp.Click(chromedp.CSS(`#addform button[type=submit]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#nodes tr[data-node="gpu-3"]`)),
+		// Focused, the field keeps its value through the table's refreshes.
+		chromedp.Click(chromedp.CSS(`input[aria-label="max in flight for gpu-3"]`)),
+		chromedp.SetValue(chromedp.CSS(`input[aria-label="max in flight for gpu-3"]`), "3"),
+		chromedp.Click(chromedp.CSS(`button[aria-label="Set max in flight of gpu-3"]`)),
+		until(`document.getElementById("status").textContent === "gpu-3: max in flight 3"`),
+	)
+	var all []schema.NodeView
+	b.getJSON("/api/v1/nodes", testAdminKey, &all)
+	var added schema.NodeView
+	for _, v := range all {
+		if v.Name == "gpu-3" {
+			added = v
+		}
+	}
+	if added.MaxInflight != 3 || strings.Join(added.Tags, ",") != "spare,test" || added.URL != "http://127.0.0.1:9" {
+		t.Fatalf("node added and changed from the page: %+v", added)
+	}
+	b.run("remove gpu-3",
+		chromedp.Evaluate[chromedp.Void](`window.confirm = function () { return true; }`),
+		chromedp.Click(chromedp.CSS(`button[aria-label="Remove gpu-3"]`)),
+		until(`!document.querySelector('#nodes tr[data-node="gpu-3"]')`),
+	)
+	if res, body := b.do("POST", "/api/v1/nodes/gpu-3/probe", testAdminKey, nil, ""); res.StatusCode != http.StatusNotFound {
+		t.Fatalf("gpu-3 after remove: %d %s", res.StatusCode, body)
+	}
+
 	b.run("charts drawn", until(`document.querySelectorAll("#chart-queue svg, #chart-finished svg, #chart-busy svg").length === 3`))
 	if b.shots != "" {
 		// A job running on the node that takes work, its progress in the table.

@@ -15,6 +15,7 @@
   var timer = null;
   var view = null;         // "overview" | "jobs" | "job"
   var samplesAt = 0;       // when the charts were last fetched
+  var sampleMs = 10000;    // the server's sample interval
   var frontends = [];
   var jobCursor = "";      // the last id shown in the job list, for "older"
   var stream = null;       // the open job's event stream: {abort}
@@ -134,7 +135,9 @@
     var active = function (state) {
       return api("GET", "/api/v1/dashboard/jobs?limit=200&state=" + state).catch(function () { return []; });
     };
-    var charts = Date.now() - samplesAt > 5000 ? refreshCharts() : Promise.resolve();
+    // The charts change once a sample; read them that often (at most every
+    // refresh).
+    var charts = Date.now() - samplesAt >= Math.max(REFRESH_MS, sampleMs) - 100 ? refreshCharts() : Promise.resolve();
     return Promise.all([data, active("running"), active("dispatched"), charts]).then(function (r) {
       var byID = {};
       (r[1] || []).concat(r[2] || []).forEach(function (j) { byID[j.id] = j; });
@@ -310,6 +313,7 @@
       samplesAt = Date.now();
       var samples = v.samples || [];
       var interval = (v.interval_seconds || 10) * 1000;
+      sampleMs = interval;
       var span = interval * (v.capacity || 360); // ms the ring covers when full
       var times = samples.map(function (s) { return Date.parse(s.t); });
       var t1 = times.length ? times[times.length - 1] : Date.now();

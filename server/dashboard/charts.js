@@ -139,14 +139,13 @@
       var y = PAD.t + r * (rowH + 4);
       text(svg, x0 - 6, y + 12, name.length > 14 ? name.slice(0, 13) + "…" : name, "end");
       el("rect", { x: x0, y: y, width: x1 - x0, height: rowH, fill: "#0b0d11" }, svg);
-      var now = null;
+      var now = rows[name].length ? rows[name][rows[name].length - 1] : -1; // -1: gone
       rows[name].forEach(function (f, i) {
         if (f < 0) return;
-        now = f;
         var xa = xOf(times[i] - intervalMs), xb = xOf(times[i]);
         el("rect", { x: xa.toFixed(1), y: y, width: Math.max(0.8, xb - xa).toFixed(1), height: rowH, fill: "#58a6ff", "fill-opacity": (0.08 + 0.92 * f).toFixed(2) }, svg);
       });
-      text(svg, x1 + 34, y + 12, now == null ? "" : Math.round(now * 100) + "%", "end");
+      text(svg, x1 + 34, y + 12, now < 0 ? "gone" : Math.round(now * 100) + "%", "end");
     });
     [1, 0.5, 0].forEach(function (f) {
       var x = x1 - f * (x1 - x0);

@@ -607,7 +607,10 @@
       var url = jobPath(c, "/events") + "&previews=1" + (last ? "&after=" + last : "");
       fetch(url, { headers: { "Authorization": "Bearer " + key(), "Accept": "text/event-stream" }, signal: ctrl.signal, cache: "no-store" })
         .then(function (res) {
-          if (!res.ok || !res.body) throw new Error("events: HTTP " + res.status);
+          if (!res.ok || !res.body) {
+            if (res.status >= 400 && res.status < 500 && res.status !== 429) done = true; // asking again will not help
+            throw new Error("events: HTTP " + res.status);
+          }
           var reader = res.body.getReader();
           var dec = new TextDecoder();
           var buf = "";

@@ -599,7 +599,7 @@
   // last seq when the stream breaks, until a terminal event.
   function follow(c) {
     var ctrl = new AbortController();
-    var last = 0, done = false;
+    var last = 0, done = false, refused = false;
     stream = { abort: function () { done = true; ctrl.abort(); } };
     function connect() {
       if (done || c !== current) return;
@@ -608,7 +608,7 @@
       fetch(url, { headers: { "Authorization": "Bearer " + key(), "Accept": "text/event-stream" }, signal: ctrl.signal, cache: "no-store" })
         .then(function (res) {
           if (!res.ok || !res.body) {
-            if (res.status >= 400 && res.status < 500 && res.status !== 429) done = true; // asking again will not help
+            if (res.status >= 400 && res.status < 500 && res.status !== 429) refused = true; // asking again will not help
             throw new Error("events: HTTP " + res.status);
           }
           var reader = res.body.getReader();
@@ -641,7 +641,8 @@
         })
         .catch(function (err) { if (!done) setStatus(err.message); })
         .then(function () {
-          if (done || c !== current) { if (c === current) $("job-stream").textContent = "(finished)"; return; }
+          if (c !== current) return;
+          if (done || refused) { $("job-stream").textContent = done ? "(finished)" : "(not available)"; return; }
           $("job-stream").textContent = "(reconnecting)";
           setTimeout(connect, 1000);
         });

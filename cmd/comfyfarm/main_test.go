@@ -66,14 +66,23 @@ func TestServeSmoke(t *testing.T) {
 	}
 	client := &http.Client{Timeout: 30 * time.Second}
 	for _, path := range []string{"/healthz", "/readyz"} {
-		res, err := client.Get(base + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(res.Body)
-		res.Body.Close()
-		if res.StatusCode != 200 || !strings.Contains(string(body), `"status":"ok"`) {
-			t.Fatalf("%s: %d %s", path, res.StatusCode, body)
+		// Ready once the scheduler has loaded its queue, a moment after
+		// the listener opens.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			res, err := client.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode == 200 && strings.Contains(string(body), `"status":"ok"`) {
+				break
+			}
+			if path == "/healthz" || res.StatusCode != http.StatusServiceUnavailable || time.Now().After(deadline) {
+				t.Fatalf("%s: %d %s", path, res.StatusCode, body)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 

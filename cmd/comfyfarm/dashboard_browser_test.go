@@ -281,14 +281,15 @@ func TestDashboardBrowser(t *testing.T) {
 	b.run("open the finished job",
 		openHash("#/jobs/style/"+quick),
 		chromedp.WaitVisible(chromedp.ID("job-outputs-box")),
-		until(`(function () {
-			var img = document.querySelector("#job-outputs img");
-			return !!img && img.complete && img.naturalWidth > 0;
-		})()`),
 		until(`document.getElementById("job-state").textContent === "succeeded"`),
 		until(`document.getElementById("job-cancel").disabled`),
+		until(`document.getElementById("job-stream").textContent === "(finished)"`),
 	)
-	width, err := chromedp.Run(b.ctx, chromedp.Evaluate[int](`document.querySelector("#job-outputs img").naturalWidth`))
+	// The image has loaded: its natural width is the output's, 96.
+	width, err := chromedp.Run(b.ctx, chromedp.Poll[int](`(function () {
+		var img = document.querySelector("#job-outputs img");
+		return !!img && img.complete && img.naturalWidth;
+	})()`, chromedp.WithPollingInterval(50*time.Millisecond), chromedp.WithPollingTimeout(45*time.Second)))
 	if err != nil || width != 96 {
 		t.Fatalf("thumbnail naturalWidth %d, %v; want 96", width, err)
 	}

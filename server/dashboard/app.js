@@ -519,8 +519,15 @@
     Object.keys(d).forEach(function (k) { if (k !== "traceback") rest[k] = d[k]; });
     if (Object.keys(rest).length) box.appendChild(make("pre", JSON.stringify(rest, null, 2)));
   }
+  // renderOutputs rebuilds the thumbnails only when the outputs differ from
+  // those shown: every view carries freshly signed URLs, and replacing an
+  // image would load it again.
   function renderOutputs(outs) {
     var ul = $("job-outputs");
+    var shown = outs.map(function (o) { return o.photo_id + ":" + o.filename + ":" + !!o.url; }).join("|");
+    if (ul.dataset.shown === shown && current && ul.dataset.job === current.id) return;
+    ul.dataset.shown = shown;
+    ul.dataset.job = current ? current.id : "";
     ul.textContent = "";
     $("job-outputs-box").hidden = !outs.length;
     outs.forEach(function (o, i) {

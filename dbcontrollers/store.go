@@ -165,6 +165,9 @@ func (s *Store) JobList(ctx context.Context, f schema.JobFilter) ([]schema.Job, 
 		}
 		where, args = append(where, "state = ?"), append(args, string(f.State))
 	}
+	if f.Node != "" {
+		where, args = append(where, "node = ?"), append(args, f.Node)
+	}
 	if f.Before != "" {
 		where, args = append(where, "id < ?"), append(args, f.Before)
 	}

@@ -31,6 +31,7 @@ type JobFilter struct {
 	Frontend string
 	UserID   string
 	State    JobState
+	Node     string // the node it was last dispatched to
 	Limit    int
 	Before   string // job id (ULIDs sort by creation)
 }

@@ -1,30 +1,65 @@
 package server
 
 import (
-	_ "embed"
+	"embed"
+	"mime"
+	"path"
 
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
-// dashboardHTML is the operator page: it holds no data itself. It asks for
-// the admin key, keeps it in sessionStorage, and polls /api/v1/dashboard.
+// dashboardFS is the operator page and its script and style: plain files,
+// no build step, nothing from another origin. The page holds no data
+// itself. It asks for the admin key, keeps it in sessionStorage, and calls
+// the /api/v1/dashboard routes, the node routes and a job's own routes.
 //
-//go:embed dashboard.html
-var dashboardHTML []byte
+//go:embed dashboard/index.html dashboard/app.js dashboard/charts.js dashboard/style.css
+var dashboardFS embed.FS
+
+// dashboardCSP allows scripts, styles and requests of this origin only;
+// images may also be data: URLs (previews) and come from another origin
+// (outputs in object storage).
+const dashboardCSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; " +
+	"img-src 'self' data: https: http:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 // dashboardScanLimit is how many jobs per frontend and state are counted when
 // the JobService cannot count them itself.
 const dashboardScanLimit = 500
 
 func (s *Server) dashboard(c *fiber.Ctx) error {
-	c.Set(fiber.HeaderContentType, fiber.MIMETextHTMLCharsetUTF8)
-	c.Set(fiber.HeaderCacheControl, "no-store")
+	return s.sendDashboardFile(c, "index.html")
+}
+
+// dashboardAsset serves GET /dashboard/assets/{file}.
+func (s *Server) dashboardAsset(c *fiber.Ctx) error {
+	name, err := param(c, "file")
+	if err != nil {
+		return err
+	}
+	if name == "index.html" || path.Base(name) != name {
+		return schema.ErrNotFound
+	}
+	return s.sendDashboardFile(c, name)
+}
+
+func (s *Server) sendDashboardFile(c *fiber.Ctx, name string) error {
+	b, err := dashboardFS.ReadFile("dashboard/" + name)
+	if err != nil {
+		return schema.ErrNotFound
+	}
+	ct := mime.TypeByExtension(path.Ext(name))
+	if ct == "" {
+		ct = fiber.MIMEOctetStream
+	}
+	c.Set(fiber.HeaderContentType, ct)
+	c.Set(fiber.HeaderCacheControl, "no-cache")
+	c.Set(fiber.HeaderXContentTypeOptions, "nosniff")
 	c.Set(fiber.HeaderXFrameOptions, "DENY")
-	c.Set(fiber.HeaderContentSecurityPolicy,
-		"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
-	return c.Send(dashboardHTML)
+	c.Set(fiber.HeaderContentSecurityPolicy, dashboardCSP)
+	c.Set(fiber.HeaderReferrerPolicy, "no-referrer")
+	return c.Send(b)
 }
 
 // dashboardView is GET /api/v1/dashboard (admin).

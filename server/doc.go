@@ -40,4 +40,9 @@
 // an SSE comment line ": keepalive" on SSE. A browser may follow a job with
 // the job-scoped token minted in the submit response's events_url instead of a
 // key.
+//
+// The dashboard (/dashboard) is static HTML, script and style embedded from
+// dashboard/ and served under a policy that runs scripts of this origin only.
+// It reads the admin routes; its charts come from a Sampler, a worker that
+// keeps the last hour of samples of the node views and job counts in memory.
 package server

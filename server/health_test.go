@@ -97,11 +97,15 @@ func TestDashboard(t *testing.T) {
 	b := setup(t, dbtest.SQLite(t))
 	r := b.do(req{method: "GET", path: "/dashboard"})
 	expect(t, r, 200)
-	if !strings.HasPrefix(r.header.Get("Content-Type"), "text/html") || !strings.Contains(string(r.body), "sessionStorage") ||
-		!strings.Contains(string(r.body), "/api/v1/dashboard") {
+	if !strings.HasPrefix(r.header.Get("Content-Type"), "text/html") || !strings.Contains(string(r.body), "/dashboard/assets/app.js") {
 		t.Fatalf("dashboard page: %v", r.header)
 	}
-	if strings.Contains(string(r.body), adminKey) {
+	script := b.do(req{method: "GET", path: "/dashboard/assets/app.js"})
+	expect(t, script, 200)
+	if !strings.Contains(string(script.body), "sessionStorage") || !strings.Contains(string(script.body), "/api/v1/dashboard") {
+		t.Fatalf("dashboard script: %v", script.header)
+	}
+	if strings.Contains(string(r.body), adminKey) || strings.Contains(string(script.body), adminKey) {
 		t.Fatal("the page holds the key")
 	}
 	b.jobs.add("style", "u", schema.JobQueued)

@@ -48,6 +48,8 @@ type NodeService interface {
 	NodeRemove(ctx context.Context, name string) error
 	NodeDrain(ctx context.Context, name string, drain bool) (*schema.NodeView, error)
 	NodeProbe(ctx context.Context, name string) (*schema.NodeView, error)
+	// NodeUpdate changes a node's max_inflight and tags (nil: unchanged).
+	NodeUpdate(ctx context.Context, name string, p schema.NodeUpdate) (*schema.NodeView, error)
 	// ProbeURL checks an unregistered host and port. A host outside the
 	// allowed networks is schema.ErrForbidden or a *schema.ValidationError.
 	ProbeURL(ctx context.Context, rawURL string) (*schema.ProbeResult, error)
@@ -129,6 +131,7 @@ type Deps struct {
 	Jobs      JobService
 	Nodes     NodeService
 	Metrics   *prometheus.Registry // HTTP metrics are registered here and served on /metrics
+	Samples   *Sampler             // the dashboard's charts; nil: empty charts
 }
 
 // Server is the HTTP application.
@@ -258,6 +261,7 @@ func (s *Server) routes() {
 	app.Get("/metrics", s.metricsHandler())
 	app.Get("/files/*", s.file)
 	app.Get("/dashboard", s.dashboard)
+	app.Get("/dashboard/assets/:file", s.dashboardAsset)
 
 	api := app.Group("/api/v1")
 	api.Get("/jobs/:id/events", s.events)
@@ -281,10 +285,13 @@ func (s *Server) routes() {
 	api.Get("/nodes", key, admin, s.nodeList)
 	api.Post("/nodes", key, admin, s.nodeAdd)
 	api.Delete("/nodes/:name", key, admin, s.nodeRemove)
+	api.Patch("/nodes/:name", key, admin, s.nodeUpdate)
 	api.Post("/nodes/:name/drain", key, admin, s.nodeDrain)
 	api.Post("/nodes/:name/probe", key, admin, s.nodeProbe)
 	api.Post("/probe", key, admin, s.probe)
 	api.Get("/dashboard", key, admin, s.dashboardData)
+	api.Get("/dashboard/jobs", key, admin, s.dashboardJobs)
+	api.Get("/dashboard/samples", key, admin, s.dashboardSamples)
 
 	// Last: anything no route took.
 	app.Use(func(c *fiber.Ctx) error {

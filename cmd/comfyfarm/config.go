@@ -47,6 +47,7 @@ type Config struct {
 	Limits          LimitsConfig              `yaml:"limits"`
 	Probe           ProbeConfig               `yaml:"probe"`
 	Events          EventsConfig              `yaml:"events"`
+	Dashboard       DashboardConfig           `yaml:"dashboard"`
 	Server          ServerConfig              `yaml:"server"`
 
 	// publicURLDerived: public_url was not set, so it follows listen (see
@@ -162,6 +163,13 @@ type ProbeConfig struct {
 type EventsConfig struct {
 	TokenTTL  time.Duration `yaml:"token_ttl"`
 	KeepAlive time.Duration `yaml:"keepalive"`
+}
+
+// DashboardConfig tunes the operator dashboard.
+type DashboardConfig struct {
+	// SampleInterval is how often the charts' samples are taken; the last
+	// 360 are kept (an hour at 10s).
+	SampleInterval time.Duration `yaml:"sample_interval"`
 }
 
 // envPrefix starts every environment override.
@@ -617,6 +625,7 @@ func (c *Config) Validate() error {
 	}
 	positive("events.token_ttl", c.Events.TokenTTL)
 	positive("events.keepalive", c.Events.KeepAlive)
+	positive("dashboard.sample_interval", c.Dashboard.SampleInterval)
 	return errors.Join(errs...)
 }
 

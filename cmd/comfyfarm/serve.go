@@ -138,6 +138,14 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	if a.farm != nil {
 		deps.Scheduler = a.farm
 	}
+	// The dashboard's charts: a sample of the farm every
+	// dashboard.sample_interval, kept in memory, run beside the farm.
+	counter, _ := a.jobs.(server.JobCounter)
+	deps.Samples = server.NewSampler(server.SamplerConfig{
+		Interval: cfg.Dashboard.SampleInterval,
+		Logger:   log.With("component", "dashboard"),
+	}, a.nodes, counter)
+	a.workers = append(a.workers, deps.Samples.Run)
 	a.server, err = server.New(server.Config{
 		AdminKey:         a.secrets.adminKey,
 		MetricsKey:       cfg.MetricsKey,

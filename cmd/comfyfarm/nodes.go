@@ -26,13 +26,14 @@ func defaultServer(e *env) string {
 	return "http://127.0.0.1:8080"
 }
 
-const nodesSynopsis = `[ls] [--json] | add NAME URL [--tags a,b] [--max-inflight N] | rm NAME | drain NAME | undrain NAME | probe NAME
+const nodesSynopsis = `[ls] [--json] | add NAME URL [--tags a,b] [--max-inflight N] | set NAME [--tags a,b] [--max-inflight N]
+       | rm NAME | drain NAME | undrain NAME | probe NAME
        (every form takes [--server URL] [--key KEY]; the key defaults to COMFYFARM_ADMIN_KEY)`
 
 // nodeVerbs are the actions of `comfyfarm nodes`, with their positional
 // arguments.
 var nodeVerbs = map[string][]string{
-	"ls": nil, "add": {"NAME", "URL"}, "rm": {"NAME"}, "drain": {"NAME"}, "undrain": {"NAME"}, "probe": {"NAME"},
+	"ls": nil, "add": {"NAME", "URL"}, "set": {"NAME"}, "rm": {"NAME"}, "drain": {"NAME"}, "undrain": {"NAME"}, "probe": {"NAME"},
 }
 
 func cmdNodes(ctx context.Context, e *env, args []string) error {
@@ -46,8 +47,8 @@ func cmdNodes(ctx context.Context, e *env, args []string) error {
 	server := fs.String("server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	key := fs.String("key", "", "admin key (default: env COMFYFARM_ADMIN_KEY)")
 	asJSON := fs.Bool("json", false, "print node views as JSON")
-	tags := fs.String("tags", "", "add: comma-separated tags")
-	maxInflight := fs.Int("max-inflight", 1, "add: jobs the node runs at once")
+	tags := fs.String("tags", "", "add, set: comma-separated tags (set: \"\" clears them)")
+	maxInflight := fs.Int("max-inflight", 1, "add, set: jobs the node runs at once")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -87,6 +88,21 @@ func cmdNodes(ctx context.Context, e *env, args []string) error {
 	case "add":
 		body := map[string]any{"name": name, "url": pos[1], "tags": splitList(*tags), "max_inflight": *maxInflight}
 		err = c.call(ctx, "POST", "/api/v1/nodes", body, &view)
+	case "set":
+		body := map[string]any{}
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "tags":
+				body["tags"] = splitList(*tags)
+			case "max-inflight":
+				body["max_inflight"] = *maxInflight
+			}
+		})
+		if len(body) == 0 {
+			fmt.Fprintln(e.stderr, "comfyfarm nodes set: give --tags and/or --max-inflight")
+			return errUsage
+		}
+		err = c.call(ctx, "PATCH", path, body, &view)
 	case "rm":
 		if err := c.call(ctx, "DELETE", path, nil, nil); err != nil {
 			return err

@@ -97,6 +97,21 @@ func TestNodesCommandsRoundTrip(t *testing.T) {
 	if v := view(); v.MaxInflight != 2 || strings.Join(v.Tags, ",") != "sdxl,big" || v.URL != fake.URL() {
 		t.Fatalf("added node %+v", v)
 	}
+	if out, err := cli(t, base, "nodes", "set", "gpu-9", "--max-inflight", "3", "--tags", "flux"); err != nil || !strings.Contains(out, "gpu-9") {
+		t.Fatalf("set: %v\n%s", err, out)
+	}
+	if v := view(); v.MaxInflight != 3 || strings.Join(v.Tags, ",") != "flux" {
+		t.Fatalf("after set: %+v", v)
+	}
+	if out, err := cli(t, base, "nodes", "set", "gpu-9", "--tags", ""); err != nil {
+		t.Fatalf("set tags empty: %v\n%s", err, out)
+	}
+	if v := view(); v.MaxInflight != 3 || len(v.Tags) != 0 {
+		t.Fatalf("after clearing tags: %+v", v)
+	}
+	if out, err := cli(t, base, "nodes", "set", "gpu-9"); !errors.Is(err, errUsage) {
+		t.Fatalf("set without a change: %v\n%s", err, out)
+	}
 	if out, err := cli(t, base, "nodes", "probe", "gpu-9", "--json"); err != nil || !strings.Contains(out, `"comfy_ok": true`) {
 		t.Fatalf("probe: %v\n%s", err, out)
 	}

@@ -283,7 +283,8 @@ func (s *Server) authenticate(r *http.Request) (string, *s3Error) {
 	return "anonymous", fail(http.StatusForbidden, "AccessDenied", "Access Denied")
 }
 
-// scope is a parsed credential: AK/yyyymmdd/region/s3/aws4_request.
+// checkCredential checks a credential, AK/yyyymmdd/region/s3/aws4_request,
+// against the server and the signing time.
 func (s *Server) checkCredential(cred string, signedAt time.Time) *s3Error {
 	parts := strings.Split(cred, "/")
 	if len(parts) != 5 || parts[4] != "aws4_request" {

@@ -97,6 +97,7 @@ func NewS3(cfg S3Config) (*S3, error) {
 	if cfg.URLTTL <= 0 {
 		cfg.URLTTL = time.Hour
 	}
+	cfg.URLTTL = max(cfg.URLTTL, time.Second) // presigned URLs count whole seconds
 	if cfg.MaxRetries == 0 {
 		cfg.MaxRetries = defaultRetries
 	}

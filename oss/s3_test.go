@@ -259,3 +259,20 @@ func TestNewS3Refuses(t *testing.T) {
 		}
 	}
 }
+
+// TestS3PutSpooled: a body that cannot seek and is larger than the memory
+// limit goes through a temporary file, which every retry reads again.
+func TestS3PutSpooled(t *testing.T) {
+	_, s, srv := newS3Env(t, s3test.Options{})
+	s.spoolMax, s.tmpDir = 1<<10, t.TempDir()
+	data := randomBytes(100_000, 8)
+	for _, size := range []int64{int64(len(data)), -1} {
+		srv.FailNext(2)
+		if err := s.Put(context.Background(), "sp/x.bin", &onlyReader{bytes.NewReader(data)}, size, ""); err != nil {
+			t.Fatalf("size %d: %v", size, err)
+		}
+		if got, _ := srv.Object("sp/x.bin"); !bytes.Equal(got, data) {
+			t.Fatalf("size %d: stored %d bytes", size, len(got))
+		}
+	}
+}

@@ -140,3 +140,81 @@ func (a *attemptReader) stop() {
 	a.over = true
 	a.mu.Unlock()
 }
+
+// window returns a seekable view of exactly the body's bytes, for an SDK that
+// seeks the body itself (to hash it, and to rewind it for a retry). Its stop
+// fences off late reads as attemptReader's does.
+func (b *replayBody) window() *bodyWindow {
+	b.stop()
+	return &bodyWindow{src: b.src, start: b.start, size: b.size, at: -1}
+}
+
+// bodyWindow reads [start, start+size) of src. Reads and seeks are
+// serialised, so a transport still reading an abandoned attempt cannot race
+// the SDK rewinding for the next one.
+type bodyWindow struct {
+	mu    sync.Mutex
+	src   io.ReadSeeker
+	start int64
+	size  int64
+	off   int64 // position within the window
+	at    int64 // src's position, -1 if unknown
+	over  bool
+}
+
+func (w *bodyWindow) Read(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.over {
+		return 0, errAttemptOver
+	}
+	if w.off >= w.size {
+		return 0, io.EOF
+	}
+	if w.at != w.start+w.off {
+		if _, err := w.src.Seek(w.start+w.off, io.SeekStart); err != nil {
+			w.at = -1
+			return 0, err
+		}
+		w.at = w.start + w.off
+	}
+	if rest := w.size - w.off; int64(len(p)) > rest {
+		p = p[:rest]
+	}
+	n, err := w.src.Read(p)
+	w.off += int64(n)
+	w.at += int64(n)
+	if err == io.EOF && w.off < w.size {
+		err = io.ErrUnexpectedEOF
+	} else if err == io.EOF {
+		err = nil
+	}
+	return n, err
+}
+
+func (w *bodyWindow) Seek(offset int64, whence int) (int64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var abs int64
+	switch whence {
+	case io.SeekStart:
+		abs = offset
+	case io.SeekCurrent:
+		abs = w.off + offset
+	case io.SeekEnd:
+		abs = w.size + offset
+	default:
+		return 0, errors.New("bodyWindow.Seek: invalid whence")
+	}
+	if abs < 0 {
+		return 0, errors.New("bodyWindow.Seek: negative position")
+	}
+	w.off = abs
+	return abs, nil
+}
+
+func (w *bodyWindow) stop() {
+	w.mu.Lock()
+	w.over = true
+	w.mu.Unlock()
+}

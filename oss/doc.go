@@ -1,5 +1,6 @@
-// Package oss stores comfyfarm's outputs: a small Store interface with two
-// backends, local disk (the default) and Aliyun OSS, plus the media checks that
+// Package oss stores comfyfarm's outputs: a small Store interface with three
+// backends, local disk (the default), Aliyun OSS and S3-compatible services,
+// plus the media checks that
 // decide what a file is before it is stored or sent to a node.
 //
 // # Keys
@@ -44,6 +45,24 @@
 // OSS reports. Ping reads a key that never exists: NoSuchKey proves endpoint,
 // bucket, credentials and clock, with read permission alone.
 //
+// # S3
+//
+// S3 wraps the AWS SDK for Go v2 (service/s3), confined to s3.go, for any
+// S3-compatible service. PathStyle picks endpoint/bucket/key over
+// bucket.endpoint/key. Requests are signed SigV4 with static credentials.
+// Put is one PutObject with Content-Type and Content-Length: a seekable body
+// is handed to the SDK through a window over its bytes (the SDK seeks it to
+// hash the payload over plain HTTP and to rewind for a retry; the window
+// serialises reads and seeks and refuses reads once Put returns); anything
+// else is first copied as for Aliyun. The SDK's standard retryer retries 5xx,
+// throttling and connection failures with the same back-off as Aliyun's and
+// no client-side retry quota. Only checksums S3 requires are sent, as several
+// S3-compatible services refuse the newer CRC trailers. ETags are returned
+// unquoted and upper-case, as the other stores return them. URL presigns a
+// GET locally (SigV4, at most 7 days) or joins PublicBaseURL and the key.
+// Ping is one HeadBucket: 404 is reported as a missing bucket, 403 as
+// refused credentials or permissions.
+//
 // # Media
 //
 // Sniff names a file by its magic bytes from a closed list (PNG, JPEG, GIF,
@@ -59,4 +78,7 @@
 // Package osstest is a fake OSS server that checks signatures, expiry and
 // clock skew as OSS does and injects faults; the conformance suite in this
 // package's tests runs against Local and against Aliyun (V1 and V4) on it.
+// Package s3test runs gofakes3, a real S3 implementation, behind a front that
+// checks SigV4 signatures, presigned URL expiry and clock skew; the suite runs
+// against S3 on it in path and virtual-host style and with public URLs.
 package oss

@@ -12,8 +12,8 @@ import (
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
-// Store keeps objects under keys. Both backends (Local and Aliyun) pass the
-// same conformance suite.
+// Store keeps objects under keys. Every backend (Local, Aliyun, S3) passes
+// the same conformance suite.
 type Store interface {
 	// Put stores size bytes read from r under key (overwriting any object
 	// there). size is the exact length r yields, or -1 when unknown. An empty

@@ -20,6 +20,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -78,9 +79,10 @@ type DatabaseConfig struct {
 
 // StorageConfig picks and configures the object store.
 type StorageConfig struct {
-	Kind  string             `yaml:"kind"` // local | oss
+	Kind  string             `yaml:"kind"` // local | oss | s3
 	Local LocalStorageConfig `yaml:"local"`
 	OSS   OSSConfig          `yaml:"oss"`
+	S3    S3Config           `yaml:"s3"`
 }
 
 // LocalStorageConfig is the local-disk store, served under /files.
@@ -101,6 +103,20 @@ type OSSConfig struct {
 	URLTTL          time.Duration `yaml:"url_ttl"`
 	AuthVersion     string        `yaml:"auth_version"` // v1 | v4
 	Region          string        `yaml:"region"`
+}
+
+// S3Config is an S3-compatible store (AWS S3, MinIO, Cloudflare R2, Aliyun
+// OSS's S3 endpoint).
+type S3Config struct {
+	Endpoint        string        `yaml:"endpoint"`
+	Region          string        `yaml:"region"`
+	Bucket          string        `yaml:"bucket"`
+	AccessKeyID     string        `yaml:"access_key_id"`
+	SecretAccessKey string        `yaml:"secret_access_key"`
+	PathStyle       bool          `yaml:"path_style"`
+	PublicBaseURL   string        `yaml:"public_base_url"`
+	SignURLs        bool          `yaml:"sign_urls"`
+	URLTTL          time.Duration `yaml:"url_ttl"`
 }
 
 // NodeConfig is a ComfyUI server registered from the config file.
@@ -500,8 +516,30 @@ func (c *Config) Validate() error {
 		default:
 			bad("storage.oss.auth_version", "want v1 or v4, not %q", o.AuthVersion)
 		}
+	case "s3":
+		o := c.Storage.S3
+		if u, err := url.Parse(o.Endpoint); o.Endpoint == "" {
+			bad("storage.s3.endpoint", "required with storage.kind s3")
+		} else if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("storage.s3.endpoint", "want an http(s) URL such as https://s3.us-east-1.amazonaws.com, not %q", o.Endpoint)
+		}
+		for _, kv := range [][2]string{
+			{"storage.s3.bucket", o.Bucket}, {"storage.s3.access_key_id", o.AccessKeyID},
+			{"storage.s3.secret_access_key", o.SecretAccessKey},
+		} {
+			if kv[1] == "" {
+				bad(kv[0], "required with storage.kind s3")
+			}
+		}
+		if !o.SignURLs && o.PublicBaseURL == "" {
+			bad("storage.s3.public_base_url", "required when sign_urls is false")
+		}
+		positive("storage.s3.url_ttl", o.URLTTL)
+		if o.URLTTL > oss.MaxPresignTTL {
+			bad("storage.s3.url_ttl", "at most 168h (the SigV4 limit for presigned URLs), not %s", o.URLTTL)
+		}
 	default:
-		bad("storage.kind", "want local or oss, not %q", c.Storage.Kind)
+		bad("storage.kind", "want local, oss or s3, not %q", c.Storage.Kind)
 	}
 
 	seenNode := map[string]bool{}

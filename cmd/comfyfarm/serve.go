@@ -189,6 +189,23 @@ func (a *app) openStorage() error {
 			return fmt.Errorf("storage: %w", err)
 		}
 		a.store = s
+	case "s3":
+		o := cfg.Storage.S3
+		s, err := oss.NewS3(oss.S3Config{
+			Endpoint:        o.Endpoint,
+			Region:          o.Region,
+			Bucket:          o.Bucket,
+			AccessKeyID:     o.AccessKeyID,
+			SecretAccessKey: o.SecretAccessKey,
+			PathStyle:       o.PathStyle,
+			PublicBaseURL:   o.PublicBaseURL,
+			SignURLs:        o.SignURLs,
+			URLTTL:          o.URLTTL,
+		})
+		if err != nil {
+			return fmt.Errorf("storage: %w", err)
+		}
+		a.store = s
 	default:
 		l, err := oss.NewLocal(oss.LocalConfig{
 			Dir:      cfg.Storage.Local.Dir,

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -463,16 +464,21 @@ func TestNodesBadAnswerIsDegraded(t *testing.T) {
 	}
 }
 
-func TestNodesClosedPortAndBackoff(t *testing.T) {
+// Probes that time out back off: the gaps between them double up to
+// MaxBackoff.
+func TestNodesTimedOutProbesBackOff(t *testing.T) {
 	t.Parallel()
 	b := setupNodes(t, ProbeConfig{Interval: 20 * time.Millisecond, MaxBackoff: 80 * time.Millisecond, Jitter: -1})
+	b.nodes.dialer = func(ctx context.Context, addr string) (net.Conn, error) {
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	}
 	if _, err := b.nodes.Add(context.Background(), apiNode("off", closedPortURL(t))); err != nil {
 		t.Fatal(err)
 	}
 	b.run(t)
 	v := waitState(t, b.nodes, "off", schema.NodeDown)
-	if !v.HostReachable || v.PortOpen {
-		t.Errorf("closed port: host_reachable %v port_open %v, want true false", v.HostReachable, v.PortOpen)
+	if v.HostReachable || v.PortOpen {
+		t.Errorf("timed out: host_reachable %v port_open %v, want false false", v.HostReachable, v.PortOpen)
 	}
 	waitFor(t, "six probes", func() bool { return len(b.log.of("off", time.Time{})) >= 6 })
 	recs := b.log.of("off", time.Time{})
@@ -484,6 +490,60 @@ func TestNodesClosedPortAndBackoff(t *testing.T) {
 			t.Errorf("gap %d = %s, want >= %dms", i+1, gap, want)
 		}
 	}
+}
+
+// A node whose port refuses connections for 90 s (probe interval 1 s, on
+// the prober's own clock) and then listens again is up within two probe
+// intervals of listening: refused probes are cheap and do not back off, and
+// the first good answer needs one confirming probe.
+func TestNodesRestartAfterLongDowntimeIsUpWithinTwoIntervals(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	const interval = time.Second
+	b := setupNodes(t, ProbeConfig{Interval: interval, MaxBackoff: time.Minute, Jitter: -1, NowFunc: clock})
+	n := b.nodes
+	if _, err := n.Add(context.Background(), apiNode("gpu-1", "http://127.0.0.1:1")); err != nil {
+		t.Fatal(err)
+	}
+	n.mu.Lock()
+	e := n.entries["gpu-1"]
+	n.mu.Unlock()
+	up := schema.ProbeResult{HostReachable: true, PortOpen: true, ComfyOK: true, LatencyMS: 1}
+	refused := schema.ProbeResult{HostReachable: true, Error: "connection refused: port closed"}
+	if _, s, _ := n.apply(e, up, true); s != schema.NodeUp {
+		t.Fatalf("first probe: %s", s)
+	}
+	// The node dies: refused connections for 90 s of probe time.
+	died := now
+	var next time.Duration
+	for now.Sub(died) < 90*time.Second {
+		var s schema.NodeState
+		next, s, _ = n.apply(e, refused, false)
+		if now.Sub(died) > 2*interval && s != schema.NodeDown {
+			t.Fatalf("%s after the death: %s", now.Sub(died), s)
+		}
+		if next > interval {
+			t.Fatalf("%s after the death the next probe waits %s, want one interval (%s)", now.Sub(died), next, interval)
+		}
+		now = now.Add(next)
+	}
+	// It listens again somewhere within the last delay; the next probe is
+	// its first good answer at the latest one interval later.
+	restarted := now.Add(-next / 2)
+	firstGood := now
+	var s schema.NodeState
+	for s != schema.NodeUp {
+		next, s, _ = n.apply(e, up, true)
+		if s == schema.NodeUp {
+			break
+		}
+		now = now.Add(next)
+		if now.Sub(firstGood) > 2*interval {
+			t.Fatalf("still %s %s after the first good answer", s, now.Sub(firstGood))
+		}
+	}
+	t.Logf("up %s after the first good answer, %s after listening again", now.Sub(firstGood), now.Sub(restarted))
 }
 
 func TestNodesTwoAgreeingProbes(t *testing.T) {

@@ -55,6 +55,7 @@ type farmEnv struct {
 	fakes    map[string]*comfytest.Server
 	names    []string
 	mod      func(*FarmConfig)
+	probeMod func(*ProbeConfig)
 	nodeURL  func(name string, s *comfytest.Server) string
 
 	nodes  *Nodes
@@ -89,8 +90,14 @@ func newFarmEnv(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Optio
 // a wrapper for node URLs (nil: the fakes' own).
 func newFarmEnvWith(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Options, mod func(*FarmConfig), storage oss.Store, nodeURL func(name string, s *comfytest.Server) string) *farmEnv {
 	t.Helper()
+	return newFarmEnvProbe(t, dbcfg, opts, mod, storage, nodeURL, nil)
+}
+
+// newFarmEnvProbe is newFarmEnvWith with a change to the prober's settings.
+func newFarmEnvProbe(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Options, mod func(*FarmConfig), storage oss.Store, nodeURL func(name string, s *comfytest.Server) string, probeMod func(*ProbeConfig)) *farmEnv {
+	t.Helper()
 	ctx := context.Background()
-	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod}
+	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod, probeMod: probeMod}
 	var err error
 	if e.control, err = dbcontrollers.OpenControl(ctx, dbcfg); err != nil {
 		t.Fatal(err)
@@ -133,7 +140,11 @@ func (e *farmEnv) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
 	e.done = make(chan struct{})
-	e.nodes = NewNodes(e.store, ProbeConfig{Interval: 50 * time.Millisecond, Timeout: 2 * time.Second, SlowThreshold: 2 * time.Second, Jitter: -1}, testLogger())
+	pcfg := ProbeConfig{Interval: 50 * time.Millisecond, Timeout: 2 * time.Second, SlowThreshold: 2 * time.Second, Jitter: -1}
+	if e.probeMod != nil {
+		e.probeMod(&pcfg)
+	}
+	e.nodes = NewNodes(e.store, pcfg, testLogger())
 	var list []schema.Node
 	for _, name := range e.names {
 		u := e.fakes[name].URL()

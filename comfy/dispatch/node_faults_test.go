@@ -1,11 +1,21 @@
 package dispatch
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers/dbtest"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -118,4 +128,134 @@ func TestNodesSuspectIsDownUntilProbesAgree(t *testing.T) {
 	if v, _ := n.Get("gpu-1"); v.Reason != "" {
 		t.Fatalf("reason when up: %q", v.Reason)
 	}
+}
+
+// rewriteHistory returns a node URL wrapper: the nodes named in which are
+// reached through a proxy that replaces every /history/ answer body by
+// rewrite's result; the others directly.
+func rewriteHistory(t testing.TB, rewrite func([]byte) []byte, which ...string) func(string, *comfytest.Server) string {
+	return func(name string, s *comfytest.Server) string {
+		if !slices.Contains(which, name) {
+			return s.URL()
+		}
+		target, _ := url.Parse(s.URL())
+		proxy := httputil.NewSingleHostReverseProxy(target)
+		proxy.ModifyResponse = func(resp *http.Response) error {
+			if !strings.HasPrefix(resp.Request.URL.Path, "/history/") {
+				return nil
+			}
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				return err
+			}
+			resp.Body.Close()
+			body = rewrite(body)
+			resp.Body = io.NopCloser(bytes.NewReader(body))
+			resp.ContentLength = int64(len(body))
+			resp.Header.Del("Content-Length")
+			return nil
+		}
+		srv := httptest.NewServer(proxy)
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+}
+
+// One node answers garbage on /history, the other is healthy: the garbage
+// node fails three jobs (each within milliseconds of its end), goes degraded with
+// the reason shown and gets no more; every job succeeds on the healthy node
+// after at most two attempts.
+func TestFarmGarbageHistoryNodeIsDegraded(t *testing.T) {
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		garbage := func(b []byte) []byte {
+			if len(b) <= 2 {
+				return b // {}: not in history yet, answered honestly
+			}
+			return []byte(`{"oops": <html>Internal garbage</html>`)
+		}
+		e := newFarmEnvWith(t, cfg, []comfytest.Options{sdOptions(), sdOptions()}, func(c *FarmConfig) {
+			c.HistoryWait = 30 * time.Second
+		}, nil, rewriteHistory(t, garbage, "n1"))
+		var ids []string
+		for i := range 12 {
+			ids = append(ids, e.submit("alpha", "g", sdGraph(ckptXL, 1, i), 0).ID)
+		}
+		onGarbage := 0
+		for _, id := range ids {
+			j := e.waitState(id, schema.JobSucceeded, 60*time.Second)
+			if j.Node != "n2" || j.Attempts > 2 {
+				t.Errorf("job %s succeeded on %s after %d attempts, want n2 and at most 2", id, j.Node, j.Attempts)
+			}
+			if j.Attempts == 2 {
+				onGarbage++
+			}
+		}
+		v, _ := e.nodes.Get("n1")
+		if v.State != schema.NodeDegraded || !strings.Contains(v.Reason, "3 jobs in a row") || !strings.Contains(v.Reason, "unreadable history") {
+			t.Fatalf("garbage node: %s %q", v.State, v.Reason)
+		}
+		// A finished prompt frees its slot before its history is read, so
+		// one more job may have been posted there while the third failure
+		// was being found out; none after.
+		if onGarbage < 3 || onGarbage > 4 {
+			t.Errorf("%d jobs were tried on the garbage node, want 3 (or 4)", onGarbage)
+		}
+		if got := e.fakes["n1"].Stats().Submitted; got != onGarbage {
+			t.Errorf("the garbage node got %d prompts, %d jobs were tried there", got, onGarbage)
+		}
+		if v, _ := e.nodes.Get("n2"); v.State != schema.NodeUp {
+			t.Errorf("healthy node %s", v.State)
+		}
+	})
+}
+
+// A post refused by a node that just died (the prober has not noticed yet:
+// its interval is long) uses no attempt, takes the node out of placement at
+// once, and the jobs wait for it instead of burning their attempts; once it
+// is back, each runs exactly once.
+func TestFarmRefusedPostUsesNoAttempt(t *testing.T) {
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		e := newFarmEnvProbe(t, cfg, []comfytest.Options{sdOptions()}, nil, nil, nil, func(p *ProbeConfig) {
+			p.Interval = time.Hour // only the first probe and ProbeNow
+		})
+		ctx := context.Background()
+		node := e.fakes["n1"]
+		node.Crash()
+		var ids []string
+		for i := range 5 {
+			ids = append(ids, e.submit("alpha", "refused", sdGraph(ckptXL, 1, i), 0).ID)
+		}
+		e.eventually(10*time.Second, "node down after a refused post", func() bool {
+			v, _ := e.nodes.Get("n1")
+			return v.State == schema.NodeDown
+		})
+		v, _ := e.nodes.Get("n1")
+		if !strings.Contains(v.Reason, "connection refused") {
+			t.Errorf("reason %q", v.Reason)
+		}
+		e.eventually(10*time.Second, "every job queued with no attempt used", func() bool {
+			for _, id := range ids {
+				if j := e.job(id); j.State != schema.JobQueued || j.Attempts != 0 {
+					return false
+				}
+			}
+			return true
+		})
+		if err := node.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			if _, err := e.nodes.ProbeNow(ctx, "n1"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, id := range ids {
+			if j := e.waitState(id, schema.JobSucceeded, 30*time.Second); j.Attempts != 1 {
+				t.Errorf("job %s succeeded after %d attempts, want 1", id, j.Attempts)
+			}
+		}
+		if got := node.Stats().Submitted; got != len(ids) {
+			t.Errorf("the node got %d prompts for %d jobs", got, len(ids))
+		}
+	})
 }

@@ -535,7 +535,10 @@ func TestFarmCancelInEveryState(t *testing.T) {
 	if _, err := e.farm.Cancel(ctx, "style", j3.ID); !errors.Is(err, schema.ErrTerminal) {
 		t.Fatalf("second cancel: %v, want ErrTerminal", err)
 	}
-	photos, total, _ := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "c", Page: 1, Limit: 10})
+	photos, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "c", Page: 1, Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 0 {
 		t.Fatalf("cancelled jobs left photos: %+v", photos)
 	}
@@ -596,7 +599,10 @@ func TestFarmNodeCrashRequeues(t *testing.T) {
 		t.Fatalf("job finished on %s after %d attempts (crashed node %s)", done.Node, done.Attempts, running.Node)
 	}
 	ctrl, _ := e.reg.Get("alpha")
-	_, total, _ := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "crash", Page: 1, Limit: 10})
+	_, total, err := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "crash", Page: 1, Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 1 {
 		t.Fatalf("%d photos, want 1", total)
 	}
@@ -697,7 +703,10 @@ func TestFarmSubmitValidation(t *testing.T) {
 	if !errors.Is(err, schema.ErrUnknownFrontend) {
 		t.Errorf("unknown frontend: %v", err)
 	}
-	jobs, _ := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", Limit: 10})
+	jobs, err := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(jobs) != 0 {
 		t.Fatalf("refused submissions left %d jobs", len(jobs))
 	}

@@ -118,13 +118,14 @@ type CreditsConfig struct {
 type SchedulerConfig struct {
 	ProbeInterval time.Duration `yaml:"probe_interval"`
 	MaxAttempts   int           `yaml:"max_attempts"`
+	StallTimeout  time.Duration `yaml:"stall_timeout"`
+	JobTimeout    time.Duration `yaml:"job_timeout"`
+	InstanceID    string        `yaml:"instance_id"` // lease owner; "" = the host name
+
 	// NodeFailureLimit: jobs in a row a node fails for reasons of its own
 	// (unreadable answers, lost prompts, outputs it cannot serve) before it
 	// is degraded and gets no new jobs.
 	NodeFailureLimit int `yaml:"node_failure_limit"`
-	StallTimeout  time.Duration `yaml:"stall_timeout"`
-	JobTimeout    time.Duration `yaml:"job_timeout"`
-	InstanceID    string        `yaml:"instance_id"` // lease owner; "" = the host name
 }
 
 // LimitsConfig bounds what clients may send.

@@ -40,16 +40,16 @@
 // interval, timed-out probes back off. The runners add what only jobs show
 // (node_faults.go):
 //
-//	           refused connect (post, reconcile)
-//	   up ----------------------------------------> down
-//	   |  ^                                          |
-//	   |  |  two good probes in a row                |
-//	   |  +------------------------------------------+
-//	   |  ^
-//	   |  | back-off over and a good probe (probation: the next
-//	   |  | failure degrades again, back-off doubled), or a success
-//	   v  |
-//	 degraded  <-- node_failure_limit failures of the node's own in a row
+//	          refused connect (post, reconcile)
+//	  up ----------------------------------------> down
+//	  |  ^                                          |
+//	  |  |  two good probes in a row                |
+//	  |  +------------------------------------------+
+//	  |  ^
+//	  |  | back-off over and a good probe (probation: the next
+//	  |  | failure degrades again, back-off doubled), or a success
+//	  v  |
+//	degraded  <-- node_failure_limit failures of the node's own in a row
 //
 // A failure of the node's own is an unreadable answer (history, queue), a
 // prompt it lost while its event stream stayed connected (a reconnect means

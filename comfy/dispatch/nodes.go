@@ -142,6 +142,9 @@ type Nodes struct {
 	dialer      func(ctx context.Context, addr string) (net.Conn, error)
 	lookupFunc  func(ctx context.Context, host string) ([]netip.Addr, error)
 	onProbeFunc func(probeRecord)
+	// waitFunc, when set, replaces the timer between one node's probes: it
+	// waits d (or not at all) and reports false when ctx ended.
+	waitFunc func(ctx context.Context, d time.Duration) bool
 }
 
 // probeRecord describes one scheduled probe (tests and benchmarks).

@@ -1260,3 +1260,96 @@ func TestNodesWithStore(t *testing.T) {
 		})
 	}
 }
+
+// The same with a fake ComfyUI and the real probe loop on a fake clock: the
+// node is crashed (connections refused) for 90 s of probe time, restarted,
+// and is up within two intervals of probe time. The loop's waits are
+// handed to the test, which moves the clock by each and lets it go on.
+func TestNodesFakeRestartAfter90sIsUpWithinTwoIntervals(t *testing.T) {
+	t.Parallel()
+	f := newComfy(t, comfytest.GenCurrent)
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	const interval = time.Second
+	b := setupNodes(t, ProbeConfig{Interval: interval, MaxBackoff: time.Minute, Jitter: -1, NowFunc: clock})
+	type wait struct {
+		d       time.Duration
+		proceed chan struct{}
+	}
+	waits := make(chan wait)
+	b.nodes.waitFunc = func(ctx context.Context, d time.Duration) bool {
+		w := wait{d, make(chan struct{})}
+		select {
+		case waits <- w:
+		case <-ctx.Done():
+			return false
+		}
+		select {
+		case <-w.proceed:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	if _, err := b.nodes.Add(context.Background(), apiNode("gpu-1", f.URL())); err != nil {
+		t.Fatal(err)
+	}
+	b.run(t)
+	// step lets one wait pass on the clock and returns its length.
+	step := func() time.Duration {
+		t.Helper()
+		select {
+		case w := <-waits:
+			mu.Lock()
+			now = now.Add(w.d)
+			mu.Unlock()
+			close(w.proceed)
+			return w.d
+		case <-time.After(waitLimit):
+			t.Fatal("the probe loop stopped waiting")
+			return 0
+		}
+	}
+	state := func() schema.NodeState { v, _ := b.nodes.Get("gpu-1"); return v.State }
+	for i := 0; state() != schema.NodeUp; i++ {
+		if i > 10 {
+			t.Fatalf("never up: %s", state())
+		}
+		step()
+		waitFor(t, "the probe after the wait", func() bool { return len(b.log.of("gpu-1", time.Time{})) >= i+1 })
+	}
+
+	f.Crash()
+	crashed := clock()
+	for clock().Sub(crashed) < 90*time.Second {
+		step()
+	}
+	if s := state(); s != schema.NodeDown {
+		t.Fatalf("after 90 s refused: %s", s)
+	}
+	// Restart right after a probe found it refused (the worst case), then
+	// let the loop go on one wait at a time, each time until its probe is in.
+	probed := func() {
+		t.Helper()
+		waitFor(t, "the probe after the wait", func() bool {
+			recs := b.log.of("gpu-1", time.Time{})
+			return len(recs) > 0 && recs[len(recs)-1].Result.ProbedAt.Equal(clock())
+		})
+	}
+	probed()
+	restart(t, f)
+	restarted := clock()
+	for state() != schema.NodeUp {
+		step()
+		probed()
+		if took := clock().Sub(restarted); took > 2*interval {
+			t.Fatalf("still %s %s of probe time after the restart, want up within two intervals (%s)", state(), took, 2*interval)
+		}
+	}
+	t.Logf("up %s of probe time after the restart", clock().Sub(restarted))
+}

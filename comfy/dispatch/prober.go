@@ -317,13 +317,27 @@ func (n *Nodes) startWorkerLocked(e *nodeEntry) {
 func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
 	delay := time.Duration(rand.Float64() * n.cfg.Jitter * float64(n.cfg.Interval))
 	due := time.Now().Add(delay)
-	timer := time.NewTimer(delay)
-	defer timer.Stop()
+	wait := n.waitFunc
+	if wait == nil {
+		timer := time.NewTimer(delay)
+		defer timer.Stop()
+		first := true
+		wait = func(ctx context.Context, d time.Duration) bool {
+			if !first {
+				timer.Reset(d)
+			}
+			first = false
+			select {
+			case <-ctx.Done():
+				return false
+			case <-timer.C:
+				return true
+			}
+		}
+	}
 	for {
-		select {
-		case <-ctx.Done():
+		if !wait(ctx, delay) {
 			return
-		case <-timer.C:
 		}
 		select {
 		case n.sem <- struct{}{}:
@@ -350,7 +364,7 @@ func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
 			return
 		}
 		due = time.Now().Add(next)
-		timer.Reset(next)
+		delay = next
 	}
 }
 

@@ -808,3 +808,70 @@ func TestFarmAdoptLeavesOtherInstancesJobs(t *testing.T) {
 		t.Fatalf("the farm follows %v", r.activeIDs())
 	}
 }
+
+// crashingStore is a JobStore whose JobInsert never lands: it waits until
+// released and then fails, like a process that died between the charge and
+// the job.
+type crashingStore struct {
+	JobStore
+	inserting chan struct{}
+	release   chan struct{}
+}
+
+func (c *crashingStore) JobInsert(ctx context.Context, j *schema.Job) error {
+	close(c.inserting)
+	<-c.release
+	return errors.New("connection lost")
+}
+
+// A keyed submit that died after charging and before recording its job is
+// retried with the same Idempotency-Key: one job, one charge (the soak found
+// a credit short after comfyfarm was killed mid-submit).
+func TestFarmKeyedSubmitRetriedAfterCrashChargesOnce(t *testing.T) {
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		e := newFarmEnv(t, cfg, []comfytest.Options{sdOptions()}, nil)
+		ctx := context.Background()
+		p := schema.SubmitParams{Frontend: "style", UserID: "retry", Workflow: sdGraph(ckptXL, 1, 1), IdempotencyKey: "pay-once"}
+		cs := &crashingStore{JobStore: e.store, inserting: make(chan struct{}), release: make(chan struct{})}
+		dying := NewFarm(FarmConfig{Logger: testLogger()}, cs, e.reg, e.storage, e.nodes)
+		dead := make(chan error, 1)
+		go func() {
+			_, err := dying.Submit(ctx, p)
+			dead <- err
+		}()
+		<-cs.inserting // charged, the job not recorded: the process dies here
+
+		j, err := e.farm.Submit(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := e.farm.Submit(ctx, p)
+		if err != nil || again.ID != j.ID {
+			t.Fatalf("second retry: %+v %v, want job %s", again, err, j.ID)
+		}
+		e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
+		ctrl, _ := e.reg.Get("style")
+		u, err := ctrl.UserGet(ctx, ctrl.DB(), "retry")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.Credits != 4 {
+			t.Fatalf("credits %d after one job, want 4 (5 - 1)", u.Credits)
+		}
+		// The dead submit's late refund (were it alive after all) changes nothing.
+		close(cs.release)
+		if err := <-dead; err == nil {
+			t.Fatal("the dying submit succeeded")
+		}
+		if u, _ := ctrl.UserGet(ctx, ctrl.DB(), "retry"); u.Credits != 4 {
+			t.Fatalf("credits %d after the dead submit's refund, want 4", u.Credits)
+		}
+		jobs, err := e.store.JobList(ctx, schema.JobFilter{Frontend: "style", UserID: "retry", Limit: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(jobs) != 1 {
+			t.Fatalf("%d jobs, want 1", len(jobs))
+		}
+	})
+}

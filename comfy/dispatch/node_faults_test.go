@@ -173,7 +173,10 @@ func TestFarmGarbageHistoryNodeIsDegraded(t *testing.T) {
 			}
 			return []byte(`{"oops": <html>Internal garbage</html>`)
 		}
-		e := newFarmEnvWith(t, cfg, []comfytest.Options{sdOptions(), sdOptions()}, func(c *FarmConfig) {
+		// The garbage node's prompts take 300 ms, so that each failure is
+		// found out (in milliseconds) before the prompt after it ends.
+		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}}
+		e := newFarmEnvWith(t, cfg, []comfytest.Options{slow, sdOptions()}, func(c *FarmConfig) {
 			c.HistoryWait = 30 * time.Second
 		}, nil, rewriteHistory(t, garbage, "n1"))
 		var ids []string

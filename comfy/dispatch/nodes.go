@@ -115,9 +115,11 @@ type NodeChange struct {
 // schedule and holds the latest health of every node.
 //
 // Health moves between up, degraded and down only when two probes in a row
-// agree (the first probe of an unknown node decides at once). A node whose
-// drain flag is set shows as draining whatever its health; its probe fields
-// stay current.
+// agree (the first probe of an unknown node decides at once), except that a
+// refused connection seen by a runner marks it down at once (Suspect). A
+// node whose drain flag is set shows as draining whatever its health; its
+// probe fields stay current. A node that fails FailureLimit jobs in a row
+// for reasons of its own shows as degraded while it answers (node_faults.go).
 type Nodes struct {
 	store   NodeStore
 	cfg     ProbeConfig

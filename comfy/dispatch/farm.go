@@ -351,7 +351,7 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 		r     *runner
 		limit int
 	}
-	var free []cand
+	var free, up []cand
 	for name, r := range f.runnerList() {
 		view, ok := f.nodes.Get(name)
 		if !ok || view.State != schema.NodeUp {
@@ -362,7 +362,11 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 		if limit <= 0 {
 			limit = 1
 		}
-		if n.Drain || r.inflight() >= limit {
+		if n.Drain {
+			continue
+		}
+		up = append(up, cand{name, r, limit})
+		if r.inflight() >= limit {
 			continue
 		}
 		free = append(free, cand{name, r, limit})
@@ -370,10 +374,24 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 	if len(free) == 0 {
 		return nil, ""
 	}
+	// elsewhere reports whether an up node other than those pj failed on
+	// can run it: then pj waits for such a node rather than go back.
+	elsewhere := func(pj *pendingJob) bool {
+		for _, c := range up {
+			if !slices.Contains(pj.Avoid, c.name) && c.r.canRun(pj.Classes) {
+				return true
+			}
+		}
+		return false
+	}
 	for _, pj := range f.queue.Plan() {
 		best, bestScore := "", -1.0
+		avoidSome := len(pj.Avoid) > 0 && elsewhere(pj)
 		for _, c := range free {
 			if !c.r.canRun(pj.Classes) {
+				continue
+			}
+			if avoidSome && slices.Contains(pj.Avoid, c.name) {
 				continue
 			}
 			// Affinity first (models already loaded), then the least loaded,
@@ -484,13 +502,15 @@ func (f *Farm) rescue(ctx context.Context) {
 	}
 }
 
-// requeued puts a job that went back to queued into the scheduler.
-func (f *Farm) requeued(j *schema.Job) {
+// requeued puts a job that went back to queued into the scheduler; avoid
+// names the nodes that failed it.
+func (f *Farm) requeued(j *schema.Job, avoid ...string) {
 	pj, err := pendingFromJob(j, f.cfg.MaxGraphNodes)
 	if err != nil {
 		f.log.Error("requeue job", "job_id", j.ID, "err", err)
 		return
 	}
+	pj.Avoid = avoid
 	f.mu.Lock()
 	f.queue.Push(pj)
 	f.mu.Unlock()

@@ -63,7 +63,7 @@ func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *co
 			}
 			if f.cfg.NowFunc().Sub(firstNodeErr) > f.cfg.StallTimeout {
 				// The node lost the files (or itself): the run has to happen again.
-				f.requeue(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
+				f.requeueFault(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
 				return
 			}
 		}
@@ -265,6 +265,7 @@ func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs 
 		}
 		return
 	}
+	f.nodes.JobSucceeded(r.name)
 	f.metrics.finished.WithLabelValues(done.Frontend, string(schema.JobSucceeded)).Inc()
 	f.tally.finished(done.Node, done.State)
 	f.metrics.jobSeconds.Observe(done.FinishedAt.Sub(done.CreatedAt).Seconds())

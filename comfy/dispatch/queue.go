@@ -13,6 +13,7 @@ type pendingJob struct {
 	Created  time.Time
 	Classes  []string // class types of the graph
 	Models   []string // checkpoints and other model files it loads
+	Avoid    []string // nodes it failed on for reasons of theirs: placed elsewhere when another node can run it
 }
 
 // before orders jobs of one frontend: priority first, then FIFO.

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"slices"
+	"time"
 
 	"github.com/comfyfarm/comfyfarm/comfy"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -168,6 +169,7 @@ func (r *runner) lookup(ev comfy.Event) *active {
 func (r *runner) setCurrent(a *active) {
 	r.mu.Lock()
 	r.current = a
+	r.busy.set(r.farm.cfg.NowFunc(), a != nil)
 	r.mu.Unlock()
 }
 
@@ -175,8 +177,21 @@ func (r *runner) clearCurrent(a *active) {
 	r.mu.Lock()
 	if r.current == a {
 		r.current = nil
+		r.busy.set(r.farm.cfg.NowFunc(), false)
 	}
 	r.mu.Unlock()
+}
+
+// load is the node's slots in use and its busy share of the last minute.
+func (r *runner) load(now time.Time) (inflight int, busy float64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.jobs {
+		if a.holdsSlot() {
+			inflight++
+		}
+	}
+	return inflight, r.busy.ratio(now)
 }
 
 // finished starts completion of a prompt that the node says has ended.

@@ -175,6 +175,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		started:    make(chan struct{}),
 		stopped:    make(chan struct{}),
 	}
+	f.queue.LenFunc = f.metrics.queueLen
 	nodes.SetRuntimeFunc(f.runtime)
 	return f
 }
@@ -283,7 +284,6 @@ func (f *Farm) loadQueue(ctx context.Context) error {
 		}
 		f.queue.Push(pj)
 	}
-	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.mu.Unlock()
 	for _, id := range unreadable {
 		f.failQueued(ctx, id, &schema.JobError{Code: schema.CodeValidationFailed, Message: "the workflow can no longer be read under the configured limits"})
@@ -299,6 +299,7 @@ func (f *Farm) failQueued(ctx context.Context, id string, jerr *schema.JobError)
 	if err != nil {
 		return
 	}
+	f.metrics.jobFinished(job)
 	f.refund(ctx, job)
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
 }
@@ -331,6 +332,9 @@ func (f *Farm) schedule(ctx context.Context) {
 		}
 		delete(f.positions, pj.ID)
 		dispatched = append(dispatched, pj.ID)
+		if job.Attempts == 1 {
+			f.metrics.queueWait.WithLabelValues(job.Frontend).Observe(f.cfg.NowFunc().Sub(job.CreatedAt).Seconds())
+		}
 		a := r.reserve(job, pj, true)
 		f.hub.Publish(job.ID, schema.Event{Type: schema.EventDispatched, Node: node})
 		f.wg.Add(1)
@@ -339,7 +343,6 @@ func (f *Farm) schedule(ctx context.Context) {
 			r.dispatch(ctx, job, a)
 		}()
 	}
-	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.publishPositionsLocked(dispatched...)
 }
 
@@ -497,6 +500,7 @@ func (f *Farm) rescue(ctx context.Context) {
 	for i := range failed {
 		j := &failed[i]
 		f.tally.finished(j.Node, j.State)
+		f.metrics.jobFinished(j)
 		f.refund(ctx, j)
 		f.hub.Publish(j.ID, schema.Event{Type: schema.EventFailed, Error: j.Error})
 	}

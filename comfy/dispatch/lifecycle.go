@@ -131,7 +131,7 @@ func (f *Farm) failed(ctx context.Context, id string, job *schema.Job, err error
 		}
 		return
 	}
-	f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+	f.metrics.jobFinished(job)
 	f.tally.finished(job.Node, job.State)
 	f.refund(ctx, job)
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})

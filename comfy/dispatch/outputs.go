@@ -44,12 +44,17 @@ func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *co
 		return
 	}
 	f.hub.Publish(job.ID, schema.Event{Type: schema.EventStoring})
+	storeStart := f.cfg.NowFunc()
+	if job.StartedAt != nil {
+		f.metrics.runDuration.WithLabelValues(job.Frontend, r.name).Observe(storeStart.Sub(*job.StartedAt).Seconds())
+	}
 
 	wait := 200 * time.Millisecond
 	var firstNodeErr time.Time
 	for attempt := 1; ; attempt++ {
 		outputs, err := f.copyOutputs(ctx, r, job, entry)
 		if err == nil {
+			f.metrics.storeDuration.Observe(f.cfg.NowFunc().Sub(storeStart).Seconds())
 			f.succeed(ctx, r, job, outputs)
 			return
 		}
@@ -266,7 +271,7 @@ func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs 
 		return
 	}
 	f.nodes.JobSucceeded(r.name)
-	f.metrics.finished.WithLabelValues(done.Frontend, string(schema.JobSucceeded)).Inc()
+	f.metrics.jobFinished(done)
 	f.tally.finished(done.Node, done.State)
 	f.metrics.jobSeconds.Observe(done.FinishedAt.Sub(done.CreatedAt).Seconds())
 	f.hub.Publish(job.ID, schema.Event{Type: schema.EventSucceeded, Outputs: done.Outputs})

@@ -45,6 +45,9 @@ type fairQueue struct {
 	served  map[string]uint64 // pick counter value when last served
 	picks   uint64
 	weights map[string]int
+	// LenFunc, when set, is told a frontend's number of queued jobs each
+	// time it changes (the queue depth gauge).
+	LenFunc func(frontend string, n int)
 }
 
 func newFairQueue(weights map[string]int) *fairQueue {
@@ -80,6 +83,9 @@ func (q *fairQueue) Push(j *pendingJob) {
 	copy(list[i+1:], list[i:])
 	list[i] = j
 	q.jobs[j.Frontend] = list
+	if q.LenFunc != nil {
+		q.LenFunc(j.Frontend, len(list))
+	}
 }
 
 // Remove takes a job out (no-op if absent).
@@ -101,6 +107,9 @@ func (q *fairQueue) Remove(id string) *pendingJob {
 		delete(q.credit, j.Frontend) // an idle frontend banks no credit
 	} else {
 		q.jobs[j.Frontend] = list
+	}
+	if q.LenFunc != nil {
+		q.LenFunc(j.Frontend, len(list))
 	}
 	return j
 }

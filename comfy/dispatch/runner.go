@@ -40,8 +40,9 @@ type runner struct {
 	models      []string // models of recent runs, newest last
 	last        uint64
 	seq         uint64
-	connected   bool   // the event stream is open
-	streamEpoch uint64 // counts event stream connects and drops
+	connected   bool      // the event stream is open
+	busy        busyClock // when a prompt of ours ran, for the busy ratio
+	streamEpoch uint64    // counts event stream connects and drops
 }
 
 // active is a job this runner follows.
@@ -316,6 +317,7 @@ func (r *runner) forget(ref jobRef) {
 	}
 	if r.current == a {
 		r.current = nil
+		r.busy.set(r.farm.cfg.NowFunc(), false)
 	}
 	r.farm.kickScheduler()
 }

@@ -526,7 +526,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 }
 
 func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
-	f.metrics.finished.WithLabelValues(j.Frontend, string(schema.JobCancelled)).Inc()
+	f.metrics.jobFinished(j)
 	f.refund(ctx, j)
 	f.hub.Publish(j.ID, schema.Event{Type: schema.EventCancelled})
 	f.mu.Lock()

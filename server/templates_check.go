@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net/http"
@@ -15,11 +16,11 @@ import (
 
 // Template bounds.
 const (
-	maxTemplateInputs     = 64
-	maxInputNameBytes     = 64
-	maxEnumChoices        = 1000
-	maxStringInputBytes   = 64 << 10
-	maxTemplateBodyChoice = 1024 // bytes of one enum choice
+	maxTemplateInputs   = 64
+	maxInputNameBytes   = 64
+	maxEnumChoices      = 1000
+	maxStringInputBytes = 64 << 10
+	maxChoiceBytes      = 1024 // bytes of one enum choice
 )
 
 // templateBody is the body of PUT /templates/{name}, and the content of a
@@ -48,7 +49,8 @@ func checkTemplate(b *templateBody, maxNodes int) (json.RawMessage, error) {
 		return nil, schema.Invalid("workflow", "required")
 	}
 	if _, err := comfy.ParseGraph(b.Workflow, comfy.GraphLimits{MaxNodes: maxNodes}); err != nil {
-		if ge, ok := err.(*comfy.GraphError); ok {
+		var ge *comfy.GraphError
+		if errors.As(err, &ge) {
 			field := "workflow"
 			if ge.NodeID != "" {
 				field += "." + ge.NodeID
@@ -159,8 +161,8 @@ func checkInputDecl(in *schema.TemplateInput, class string) error {
 		}
 		seen := map[string]bool{}
 		for _, ch := range in.Choices {
-			if len(ch) > maxTemplateBodyChoice {
-				return schema.Invalid(field+".choices", "a choice is longer than %d bytes", maxTemplateBodyChoice)
+			if len(ch) > maxChoiceBytes {
+				return schema.Invalid(field+".choices", "a choice is longer than %d bytes", maxChoiceBytes)
 			}
 			if seen[ch] {
 				return schema.Invalid(field+".choices", "%q is given twice", ch)

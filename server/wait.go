@@ -100,8 +100,8 @@ func clientGone(conn net.Conn) bool {
 	return connClosed(conn)
 }
 
-// statusFor is the status of a waited answer: 200 for a finished job (or any
-// GET), else the given one (202 for a submit still under way).
+// statusFor is the status of a waited submit's answer: 200 for a finished
+// job, else the given one (202: still under way).
 func statusFor(job *schema.Job, unfinished int) int {
 	if job.State.Terminal() {
 		return http.StatusOK

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"unicode/utf8"
 
@@ -232,7 +234,7 @@ func resolveInputs(t *schema.Template, given map[string]json.RawMessage, uploads
 	for i := range t.Inputs {
 		declared[t.Inputs[i].Name] = &t.Inputs[i]
 	}
-	for name := range given {
+	for _, name := range slices.Sorted(maps.Keys(given)) {
 		if declared[name] == nil {
 			if len(name) > maxInputNameBytes || !utf8.ValidString(name) {
 				return nil, newAPIError(http.StatusBadRequest, "invalid_request", "inputs: an unknown input").

@@ -78,6 +78,8 @@ func validateJob(j *schema.Job) error {
 		return schema.Invalid("metadata", "must be JSON")
 	case j.State != "" && !j.State.Valid():
 		return schema.Invalid("state", "unknown state %q", j.State)
+	case len(j.Template) > 80:
+		return schema.Invalid("template", "longer than 80 bytes")
 	}
 	return nil
 }

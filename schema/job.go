@@ -57,6 +57,7 @@ type Job struct {
 	State           JobState        `json:"state"`
 	Priority        int             `json:"priority"`
 	Workflow        json.RawMessage `json:"-"`
+	Template        string          `json:"template,omitempty"` // "name@version"; empty for a raw workflow
 	Metadata        json.RawMessage `json:"metadata,omitempty"`
 	Inputs          []JobInput      `json:"-"`
 	Node            string          `json:"node"` // "" until dispatched

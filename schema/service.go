@@ -14,6 +14,9 @@ type SubmitParams struct {
 	Metadata       json.RawMessage // free JSON, <= MaxMetadataBytes
 	IdempotencyKey string
 	Inputs         []InputFile
+	// Template is the "name@version" the workflow was expanded from; empty
+	// for a raw workflow.
+	Template string
 }
 
 // MaxMetadataBytes caps a job's metadata (contract: 16 KiB).

@@ -27,26 +27,68 @@ const (
 )
 
 // submitBody is the JSON body of POST /jobs (and the form fields of the
-// multipart variant, where workflow and metadata are JSON text).
+// multipart variant, where workflow, prompt, inputs and metadata are JSON
+// text). The workflow is one of: workflow (an API-format graph), prompt
+// (the same, in ComfyUI's own /prompt body, whose client_id and extra_data
+// are accepted and not used), or template with its inputs.
 type submitBody struct {
 	Frontend string          `json:"frontend"`
 	UserID   string          `json:"user_id"`
 	Workflow json.RawMessage `json:"workflow"`
 	Priority int             `json:"priority"`
 	Metadata json.RawMessage `json:"metadata"`
+	Template string          `json:"template"`
+	Inputs   json.RawMessage `json:"inputs"`
+
+	Prompt    json.RawMessage `json:"prompt"`
+	ClientID  string          `json:"client_id"`
+	ExtraData json.RawMessage `json:"extra_data"`
 }
+
+// promptUser owns the jobs of a ComfyUI-shaped body that names no user.
+const promptUser = "comfy"
 
 // validate checks what the server can check cheaply; the graph itself is the
 // JobService's to validate.
 func (b *submitBody) validate() error {
+	if hasValue(b.Prompt) {
+		if hasValue(b.Workflow) {
+			return schema.Invalid("prompt", "give the graph as workflow or as prompt, not both")
+		}
+		if !jsonObject(b.Prompt) {
+			return schema.Invalid("prompt", "must be a JSON object (an API-format graph)")
+		}
+		b.Workflow, b.Prompt = b.Prompt, nil
+		if b.UserID == "" {
+			b.UserID = promptUser
+		}
+	}
+	if len(b.ClientID) > 256 {
+		return schema.Invalid("client_id", "longer than 256 bytes")
+	}
+	if hasValue(b.ExtraData) && !jsonObject(b.ExtraData) {
+		return schema.Invalid("extra_data", "must be a JSON object")
+	}
 	if err := checkUserID("user_id", b.UserID); err != nil {
 		return err
 	}
-	if len(b.Workflow) == 0 || string(b.Workflow) == "null" {
-		return schema.Invalid("workflow", "required")
-	}
-	if !jsonObject(b.Workflow) {
-		return schema.Invalid("workflow", "must be a JSON object (an API-format graph)")
+	if b.Template != "" {
+		if hasValue(b.Workflow) {
+			return schema.Invalid("template", "give a template or a workflow, not both")
+		}
+		if _, _, err := schema.ParseTemplateRef(b.Template); err != nil {
+			return err
+		}
+	} else {
+		if hasValue(b.Inputs) {
+			return schema.Invalid("inputs", "inputs are the values of a template: name it in template")
+		}
+		if len(b.Workflow) == 0 || string(b.Workflow) == "null" {
+			return schema.Invalid("workflow", "required (or a template)")
+		}
+		if !jsonObject(b.Workflow) {
+			return schema.Invalid("workflow", "must be a JSON object (an API-format graph)")
+		}
 	}
 	if b.Priority < schema.MinPriority || b.Priority > schema.MaxPriority {
 		return schema.Invalid("priority", "must be between %d and %d", schema.MinPriority, schema.MaxPriority)
@@ -73,9 +115,15 @@ type submitResponse struct {
 }
 
 // jobSubmit accepts a job as JSON, or as multipart/form-data with input
-// images in the field "images".
+// images in the field "images". With ?wait= it answers once the job has
+// finished (200 with the job view), or when the wait runs out (202 with the
+// view as it is then).
 func (s *Server) jobSubmit(c *fiber.Ctx) error {
 	jobs, err := s.jobService()
+	if err != nil {
+		return err
+	}
+	wait, err := waitQuery(c)
 	if err != nil {
 		return err
 	}
@@ -103,6 +151,22 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	var ref string
+	if b.Template == "" {
+		if allowed, ok := s.cfg.RawWorkflows[frontend]; ok && !allowed && !principalOf(c).admin {
+			return newAPIError(http.StatusForbidden, "raw_workflows_disabled",
+				"this frontend submits templates only: send template and inputs instead of a workflow").
+				with("frontend", frontend)
+		}
+	} else {
+		uploads := make(map[string]bool, len(inputs))
+		for _, in := range inputs {
+			uploads[in.Filename] = true
+		}
+		if b.Workflow, ref, err = s.expandTemplate(c.UserContext(), frontend, b.Template, b.Inputs, uploads); err != nil {
+			return err
+		}
+	}
 	job, err := jobs.Submit(c.UserContext(), schema.SubmitParams{
 		Frontend:       frontend,
 		UserID:         b.UserID,
@@ -111,20 +175,39 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 		Metadata:       b.Metadata,
 		IdempotencyKey: key,
 		Inputs:         inputs,
+		Template:       ref,
 	})
 	if err != nil {
 		return err
+	}
+	eventsURL := s.eventsURL(job.ID, frontend)
+	if wait > 0 {
+		if job, err = s.awaitJob(c, jobs, frontend, job.ID, wait); err != nil {
+			return err
+		}
+		if err := s.outputURLs(c.UserContext(), job); err != nil {
+			return err
+		}
+		return c.Status(statusFor(job, http.StatusAccepted)).JSON(waitedJob{Job: job, EventsURL: eventsURL})
 	}
 	return c.Status(http.StatusAccepted).JSON(submitResponse{
 		ID:        job.ID,
 		State:     job.State,
 		Position:  job.Position,
-		EventsURL: "/api/v1/jobs/" + url.PathEscape(job.ID) + "/events?token=" + url.QueryEscape(s.tokens.mint(job.ID, frontend)),
+		EventsURL: eventsURL,
 	})
 }
 
+// eventsURL is the address of a job's event stream with a token for it:
+// absolute when the public URL is known, else a path.
+func (s *Server) eventsURL(id, frontend string) string {
+	path := "/api/v1/jobs/" + url.PathEscape(id) + "/events?token=" + url.QueryEscape(s.tokens.mint(id, frontend))
+	return strings.TrimRight(s.cfg.PublicURL, "/") + path
+}
+
 // decodeMultipartSubmit reads the multipart variant: form fields frontend,
-// user_id, workflow (JSON text), priority, metadata (JSON text), and files in
+// user_id, workflow or prompt (JSON text), template and inputs (JSON text),
+// client_id, priority, metadata and extra_data (JSON text), and files in
 // "images", each at most Config.MaxUploadBytes.
 func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.InputFile, error) {
 	form, err := c.MultipartForm()
@@ -144,16 +227,19 @@ func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.In
 			b.Frontend = v
 		case "user_id":
 			b.UserID = v
-		case "workflow":
-			b.Workflow = json.RawMessage(v)
-			if !json.Valid(b.Workflow) {
-				return nil, newAPIError(http.StatusBadRequest, "invalid_json", "workflow is not valid JSON").with("field", "workflow")
+		case "workflow", "prompt", "inputs", "metadata", "extra_data":
+			raw := json.RawMessage(v)
+			if !json.Valid(raw) {
+				return nil, newAPIError(http.StatusBadRequest, "invalid_json", name+" is not valid JSON").with("field", name)
 			}
-		case "metadata":
-			b.Metadata = json.RawMessage(v)
-			if !json.Valid(b.Metadata) {
-				return nil, newAPIError(http.StatusBadRequest, "invalid_json", "metadata is not valid JSON").with("field", "metadata")
-			}
+			*map[string]*json.RawMessage{
+				"workflow": &b.Workflow, "prompt": &b.Prompt, "inputs": &b.Inputs,
+				"metadata": &b.Metadata, "extra_data": &b.ExtraData,
+			}[name] = raw
+		case "template":
+			b.Template = v
+		case "client_id":
+			b.ClientID = v
 		case "priority":
 			p, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil {
@@ -219,8 +305,23 @@ func checkFilename(name string) error {
 	return nil
 }
 
+// jobGet answers a job view; with ?wait= once the job has finished, or when
+// the wait runs out (its view then).
 func (s *Server) jobGet(c *fiber.Ctx) error {
-	return s.oneJob(c, JobService.Job)
+	wait, err := waitQuery(c)
+	if err != nil {
+		return err
+	}
+	if wait == 0 {
+		return s.oneJob(c, JobService.Job)
+	}
+	return s.oneJob(c, func(jobs JobService, ctx context.Context, frontend, id string) (*schema.Job, error) {
+		job, err := jobs.Job(ctx, frontend, id)
+		if err != nil || job.State.Terminal() {
+			return job, err
+		}
+		return s.awaitJob(c, jobs, frontend, id, wait)
+	})
 }
 
 // oneJob runs a JobService call on the job named in the path, for the

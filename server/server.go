@@ -110,6 +110,15 @@ type Config struct {
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
 	SubmitPerMinute int // POST /api/v1/jobs, on top of RatePerMinute
+	// PublicURL is the address clients reach the server at; when set,
+	// events_url in submit answers is absolute (PublicURL + path).
+	PublicURL string
+	// MaxGraphNodes bounds a template's workflow; default 5000.
+	MaxGraphNodes int
+	// RawWorkflows maps a frontend to false when its keys may submit
+	// templates only (403 raw_workflows_disabled on a raw workflow); a
+	// frontend not in it may submit both. The admin key always may.
+	RawWorkflows map[string]bool
 	// TrustedProxies are the addresses or networks of reverse proxies whose
 	// X-Forwarded-For names the client (for logs); empty: none.
 	TrustedProxies []string
@@ -132,6 +141,7 @@ type Deps struct {
 	Nodes     NodeService
 	Metrics   *prometheus.Registry // HTTP metrics are registered here and served on /metrics
 	Samples   *Sampler             // the dashboard's charts; nil: empty charts
+	Templates TemplateStore        // workflow templates; nil: their routes answer 503
 }
 
 // Server is the HTTP application.
@@ -282,6 +292,11 @@ func (s *Server) routes() {
 	api.Post("/users/:id/credits", key, s.userCredits)
 
 	admin := s.requireAdmin
+	api.Get("/templates", key, s.templateList)
+	api.Get("/templates/:name", key, s.templateGet)
+	api.Put("/templates/:name", key, admin, s.templatePut)
+	api.Delete("/templates/:name", key, admin, s.templateDelete)
+
 	api.Get("/nodes", key, admin, s.nodeList)
 	api.Post("/nodes", key, admin, s.nodeAdd)
 	api.Delete("/nodes/:name", key, admin, s.nodeRemove)

@@ -138,7 +138,13 @@ type FrontendConfig struct {
 	// KeepTempOutputs: ComfyUI's temp files (PreviewImage and the like)
 	// become photos too, marked as previews; by default only outputs do.
 	KeepTempOutputs bool `yaml:"keep_temp_outputs"`
+	// RawWorkflows: the frontend's keys may submit raw workflows; when false,
+	// templates only. Unset means true.
+	RawWorkflows *bool `yaml:"raw_workflows"`
 }
+
+// RawWorkflowsAllowed is raw_workflows with its default (true).
+func (f FrontendConfig) RawWorkflowsAllowed() bool { return f.RawWorkflows == nil || *f.RawWorkflows }
 
 // CreditsConfig: a frontend charges cost_per_job credits per job when > 0.
 type CreditsConfig struct {
@@ -415,6 +421,16 @@ func derivePublicURL(listen, port string) string {
 		host = "localhost"
 	}
 	return "http://" + net.JoinHostPort(host, p)
+}
+
+// explicitPublicURL is public_url when it was set, and "" when it only
+// follows listen: a URL derived from a listen address such as ":8080" names
+// this machine, and a path relative to the request serves every client.
+func (c *Config) explicitPublicURL() string {
+	if c.publicURLDerived {
+		return ""
+	}
+	return c.PublicURL
 }
 
 // setListen sets listen (serve --listen) and, when public_url follows it, public_url.
@@ -720,6 +736,10 @@ func collectEnvKeys(v reflect.Value, path, env string, out *[]envKey, entries *[
 		}
 	case reflect.String, reflect.Bool, reflect.Int, reflect.Int64:
 		*out = append(*out, envKey{name: env, path: path, field: v})
+	case reflect.Pointer:
+		if t.Elem().Kind() == reflect.Bool { // an optional boolean
+			*out = append(*out, envKey{name: env, path: path, field: v})
+		}
 	case reflect.Slice:
 		if t.Elem().Kind() == reflect.String {
 			*out = append(*out, envKey{name: env, path: path, field: v})
@@ -856,6 +876,12 @@ func setFromEnv(f reflect.Value, raw string) error {
 			return fmt.Errorf("invalid value %q: want true or false", raw)
 		}
 		f.SetBool(b)
+	case reflect.Pointer:
+		b, err := strconv.ParseBool(strings.TrimSpace(raw))
+		if err != nil || f.Type().Elem().Kind() != reflect.Bool {
+			return fmt.Errorf("invalid value %q: want true or false", raw)
+		}
+		f.Set(reflect.ValueOf(&b))
 	case reflect.Int, reflect.Int64:
 		n, err := strconv.ParseInt(strings.TrimSpace(raw), 10, 64)
 		if err != nil {

@@ -162,7 +162,7 @@ func demoJobs(ctx context.Context, e *env, base, key string, n int) error {
 	}
 	// The style frontend charges a credit per job: top the demo user up, as
 	// a frontend's backend does after a payment.
-	topUp, _ := json.Marshal(map[string]any{"delta": n, "reason": "demo top-up"})
+	topUp, _ := json.Marshal(map[string]any{"delta": n + 1, "reason": "demo top-up"})
 	rctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	req, err := c.request(rctx, "POST", "/api/v1/users/demo-user/credits?frontend=style", bytes.NewReader(topUp), "application/json")
 	if err == nil {
@@ -176,7 +176,7 @@ func demoJobs(ctx context.Context, e *env, base, key string, n int) error {
 	var subs []*submitAnswer
 	for i := 0; i < n; i++ {
 		graph := json.RawMessage(strings.Replace(string(sampleWorkflow), `"seed": 42`, fmt.Sprintf(`"seed": %d`, 42+i), 1))
-		sub, err := submitJob(ctx, c, submitOptions{frontend: "style", user: "demo-user", metadata: `{"style":"watercolor"}`}, graph)
+		sub, err := submitJob(ctx, c, submitOptions{frontend: "style", user: "demo-user", metadata: `{"style":"watercolor"}`}, graph, nil)
 		if err != nil {
 			return err
 		}
@@ -206,6 +206,27 @@ func demoJobs(ctx context.Context, e *env, base, key string, n int) error {
 		for _, out := range j.Outputs {
 			fmt.Fprintf(e.stdout, "job %s %s on %s: %s\n", j.ID, j.State, j.Node, out.URL)
 		}
+	}
+	return demoTemplateJob(ctx, e, c)
+}
+
+// demoTemplateJob runs the style frontend's example template with a few
+// inputs and waits for it in the submit request itself.
+func demoTemplateJob(ctx context.Context, e *env, c *apiClient) error {
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout+time.Minute)
+	defer cancel()
+	var j schema.Job
+	err := c.call(rctx, "POST", "/api/v1/jobs?frontend=style&wait=60s", map[string]any{
+		"user_id": "demo-user", "template": "portrait", "inputs": map[string]any{"width": 320, "height": 400, "sigma": 3},
+	}, &j)
+	if err != nil {
+		return fmt.Errorf("template job: %w", err)
+	}
+	if j.State != schema.JobSucceeded {
+		return fmt.Errorf("template job %s ended %s", j.ID, j.State)
+	}
+	for _, out := range j.Outputs {
+		fmt.Fprintf(e.stdout, "template %s job %s: %s, node %s: %s\n", j.Template, j.ID, j.State, j.Node, out.URL)
 	}
 	return nil
 }

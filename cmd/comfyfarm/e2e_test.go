@@ -516,6 +516,9 @@ func TestDemo(t *testing.T) {
 	if n := strings.Count(out.String(), " succeeded on demo-gpu-"); n != 5 {
 		t.Fatalf("%d jobs succeeded, want 5:\n%s\n%s", n, out.String(), errb.String())
 	}
+	if !strings.Contains(out.String(), "template portrait@1 job ") || !strings.Contains(out.String(), ": succeeded, node demo-gpu-") {
+		t.Fatalf("no template job succeeded:\n%s\n%s", out.String(), errb.String())
+	}
 	if _, err := os.Stat(filepath.Join("data", "comfyfarm.db")); err != nil {
 		t.Fatalf("no embedded database: %v", err)
 	}

@@ -20,6 +20,7 @@ import (
 // with Last-Event-ID. nodes is the number of nodes of the job's workflow
 // (0: unknown): the bar then shows progress across the whole workflow.
 func followJob(ctx context.Context, c *apiClient, eventsURL string, w io.Writer, nodes int) (*schema.Job, error) {
+	eventsURL = apiPath(eventsURL)
 	f := newJobFollower(w, nodes)
 	defer fmt.Fprintln(w)
 	var (
@@ -52,6 +53,20 @@ func followJob(ctx context.Context, c *apiClient, eventsURL string, w io.Writer,
 		case <-time.After(time.Duration(retries) * time.Second):
 		}
 	}
+}
+
+// apiPath turns an absolute events_url (the server's public_url and a path)
+// into its path from /api/v1/ on: the client asks the --server it was given,
+// which may be reached by another address than the public one, and the
+// public URL may carry a prefix a reverse proxy removes.
+func apiPath(u string) string {
+	if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+		return u
+	}
+	if i := strings.Index(u, "/api/v1/"); i >= 0 {
+		return u[i:]
+	}
+	return u
 }
 
 // streamEvents reads one connection of the event stream, handing each event

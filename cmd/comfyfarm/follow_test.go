@@ -69,3 +69,16 @@ func TestJobFollowerDrawsEveryStateChange(t *testing.T) {
 		t.Fatalf("unknown size: %d%%", p)
 	}
 }
+
+// An absolute events_url is followed on the server the client was given.
+func TestAPIPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"/api/v1/jobs/J/events?token=t":                                 "/api/v1/jobs/J/events?token=t",
+		"https://farm.example.com/api/v1/jobs/J/events?token=t":         "/api/v1/jobs/J/events?token=t",
+		"http://farm.example.com:8443/gpu/api/v1/jobs/J/events?token=t": "/api/v1/jobs/J/events?token=t",
+	} {
+		if got := apiPath(in); got != want {
+			t.Errorf("apiPath(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -115,14 +115,19 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	if err := a.openStorage(); err != nil {
 		return nil, err
 	}
+	if err := a.loadTemplates(ctx); err != nil {
+		return nil, err
+	}
 
 	if err := a.openFarm(ctx); err != nil {
 		return nil, err
 	}
 
 	keys := map[string][]string{}
+	raw := map[string]bool{}
 	for name, f := range cfg.Frontends {
 		keys[name] = f.APIKeys
+		raw[name] = f.RawWorkflowsAllowed()
 	}
 	deps := server.Deps{
 		Logger:    log,
@@ -132,6 +137,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		Jobs:      a.jobs,
 		Nodes:     a.nodes,
 		Metrics:   a.metrics,
+		Templates: dbcontrollers.NewStore(a.control),
 	}
 	if a.local != nil {
 		deps.Files = a.local
@@ -163,6 +169,9 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		TrustedProxies:   cfg.Server.TrustedProxies,
 		MaxStreamsPerKey: cfg.Limits.MaxStreamsPerKey,
 		MaxStreams:       cfg.Limits.MaxStreams,
+		MaxGraphNodes:    cfg.Limits.MaxGraphNodes,
+		RawWorkflows:     raw,
+		PublicURL:        cfg.explicitPublicURL(),
 	}, deps)
 	if err != nil {
 		return nil, err

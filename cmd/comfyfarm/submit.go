@@ -18,7 +18,7 @@ import (
 )
 
 func init() {
-	register(command{name: "submit", summary: "submit a workflow to a running server (--wait follows it)", run: cmdSubmit})
+	register(command{name: "submit", summary: "submit a workflow or a template to a running server (--wait follows it)", run: cmdSubmit})
 }
 
 // stringList is a repeatable flag.
@@ -31,15 +31,16 @@ var _ flag.Value = (*stringList)(nil)
 
 type submitOptions struct {
 	server, key, frontend, user, workflow, metadata, idempotencyKey string
+	template                                                        string
 	priority                                                        int
-	images                                                          stringList
+	images, inputs                                                  stringList
 	wait                                                            bool
 	timeout                                                         time.Duration
 }
 
 func cmdSubmit(ctx context.Context, e *env, args []string) error {
 	var o submitOptions
-	fs := newFlagSet(e, "submit", "--frontend F --workflow FILE [--user U] [--image FILE]... [--wait]")
+	fs := newFlagSet(e, "submit", "--frontend F (--workflow FILE | --template NAME [--input NAME=VALUE]...) [--user U] [--image FILE]... [--wait]")
 	fs.StringVar(&o.server, "server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	fs.StringVar(&o.key, "key", "", "API key (default: env COMFYFARM_API_KEY, then COMFYFARM_ADMIN_KEY)")
 	fs.StringVar(&o.frontend, "frontend", "", "frontend to submit for (required with the admin key)")
@@ -49,14 +50,20 @@ func cmdSubmit(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&o.idempotencyKey, "idempotency-key", "", "Idempotency-Key: resubmitting with the same key returns the same job")
 	fs.IntVar(&o.priority, "priority", 0, "priority, -100..100 (higher runs sooner)")
 	fs.Var(&o.images, "image", "input image to upload (repeatable); a LoadImage input names it by its file name")
+	fs.StringVar(&o.template, "template", "", "run this template (NAME or NAME@VERSION) instead of a workflow")
+	fs.Var(&o.inputs, "input", "a template input, NAME=VALUE (repeatable); an image input's @FILE uploads FILE")
 	fs.BoolVar(&o.wait, "wait", false, "follow the job's progress and print its output URLs")
 	fs.DurationVar(&o.timeout, "timeout", 0, "give up waiting after this long (0: no limit)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if o.workflow == "" {
-		fmt.Fprintln(e.stderr, "submit: --workflow is required")
+	if (o.workflow == "") == (o.template == "") {
+		fmt.Fprintln(e.stderr, "submit: give --workflow or --template")
 		fs.Usage()
+		return errUsage
+	}
+	if len(o.inputs) > 0 && o.template == "" {
+		fmt.Fprintln(e.stderr, "submit: --input goes with --template")
 		return errUsage
 	}
 	if o.key == "" {
@@ -72,16 +79,29 @@ func cmdSubmit(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	graph, err := readWorkflow(o.workflow)
-	if err != nil {
-		return err
-	}
 	if o.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.timeout)
 		defer cancel()
 	}
-	sub, err := submitJob(ctx, c, o, graph)
+	var graph, inputs json.RawMessage
+	if o.template != "" {
+		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+		t, err := fetchTemplate(rctx, c, o.template, o.frontend)
+		cancel()
+		if err != nil {
+			return err
+		}
+		var uploads []string
+		if inputs, uploads, err = templateInputs(t, o.inputs); err != nil {
+			return err
+		}
+		o.images = append(o.images, uploads...)
+		graph = t.Workflow
+	} else if graph, err = readWorkflow(o.workflow); err != nil {
+		return err
+	}
+	sub, err := submitJob(ctx, c, o, graph, inputs)
 	if err != nil {
 		return err
 	}
@@ -139,7 +159,9 @@ type submitAnswer struct {
 	EventsURL string          `json:"events_url"`
 }
 
-func submitJob(ctx context.Context, c *apiClient, o submitOptions, graph json.RawMessage) (*submitAnswer, error) {
+// submitJob posts a job: the workflow graph, or with o.template the
+// template and its inputs.
+func submitJob(ctx context.Context, c *apiClient, o submitOptions, graph, inputs json.RawMessage) (*submitAnswer, error) {
 	var metadata json.RawMessage
 	if o.metadata != "" {
 		metadata = json.RawMessage(o.metadata)
@@ -150,14 +172,26 @@ func submitJob(ctx context.Context, c *apiClient, o submitOptions, graph json.Ra
 	var body bytes.Buffer
 	contentType := "application/json"
 	if len(o.images) == 0 {
-		if err := json.NewEncoder(&body).Encode(map[string]any{
-			"frontend": o.frontend, "user_id": o.user, "workflow": graph, "priority": o.priority, "metadata": metadata,
-		}); err != nil {
+		fields := map[string]any{"frontend": o.frontend, "user_id": o.user, "priority": o.priority, "metadata": metadata}
+		if o.template != "" {
+			fields["template"], fields["inputs"] = o.template, inputs
+		} else {
+			fields["workflow"] = graph
+		}
+		if err := json.NewEncoder(&body).Encode(fields); err != nil {
 			return nil, err
 		}
 	} else {
 		w := multipart.NewWriter(&body)
-		fields := map[string]string{"user_id": o.user, "workflow": string(graph), "priority": fmt.Sprint(o.priority)}
+		fields := map[string]string{"user_id": o.user, "priority": fmt.Sprint(o.priority)}
+		if o.template != "" {
+			fields["template"] = o.template
+			if inputs != nil {
+				fields["inputs"] = string(inputs)
+			}
+		} else {
+			fields["workflow"] = string(graph)
+		}
 		if o.frontend != "" {
 			fields["frontend"] = o.frontend
 		}

@@ -87,7 +87,8 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 	now := f.cfg.NowFunc().UTC()
 	job := &schema.Job{
 		ID: id, Frontend: p.Frontend, UserID: p.UserID, State: schema.JobQueued, Priority: p.Priority,
-		Workflow: p.Workflow, Metadata: meta, IdempotencyKey: p.IdempotencyKey, CreatedAt: now, UpdatedAt: now,
+		Workflow: p.Workflow, Template: p.Template, Metadata: meta, IdempotencyKey: p.IdempotencyKey,
+		CreatedAt: now, UpdatedAt: now,
 	}
 	if err := f.storeInputs(ctx, job, g, p.Inputs); err != nil {
 		return nil, err

@@ -402,12 +402,12 @@ func benchViaFarm(ctx context.Context, base, key string, n, parallel int) ([]tim
 }
 
 func oneFarmJob(ctx context.Context, c *apiClient, base string, i int) error {
-	sub, err := submitJob(ctx, c, submitOptions{user: "bench"}, benchGraph(i%256))
+	sub, err := submitJob(ctx, c, submitOptions{user: "bench"}, benchGraph(i%256), nil)
 	if err != nil {
 		return err
 	}
 	var job *schema.Job
-	_, _, err = streamEvents(ctx, c, sub.EventsURL, "", func(_ string, ev schema.Event) {
+	_, _, err = streamEvents(ctx, c, apiPath(sub.EventsURL), "", func(_ string, ev schema.Event) {
 		if ev.Type == schema.EventSucceeded {
 			job = &schema.Job{Outputs: ev.Outputs}
 		}
@@ -446,7 +446,7 @@ func benchSubmits(ctx context.Context, base, key string, n, clients int) (all, f
 				if i >= n {
 					return
 				}
-				if _, err := submitJob(ctx, c, submitOptions{user: "bench"}, benchGraph(i%256)); err != nil {
+				if _, err := submitJob(ctx, c, submitOptions{user: "bench"}, benchGraph(i%256), nil); err != nil {
 					mu.Lock()
 					errs = append(errs, err)
 					mu.Unlock()

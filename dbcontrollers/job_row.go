@@ -11,9 +11,9 @@ import (
 // jobColumns lists the jobs table in the order jobArgs writes it.
 const jobColumns = "id, frontend, user_id, state, priority, workflow, metadata, inputs, node, prompt_id, " +
 	"attempts, lease_owner, lease_expires_at, progress, outputs, error, idempotency_key, charged, " +
-	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at"
+	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, webhook_url"
 
-const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
 
 // jobRow is one row of jobs as stored.
 type jobRow struct {
@@ -41,6 +41,7 @@ type jobRow struct {
 	StartedAt       nullTime       `db:"started_at"`
 	FinishedAt      nullTime       `db:"finished_at"`
 	UpdatedAt       dbTime         `db:"updated_at"`
+	WebhookURL      sql.NullString `db:"webhook_url"`
 }
 
 // storedInput and storedOutput are the JSON forms kept in the jobs table.
@@ -142,7 +143,7 @@ func jobArgs(j *schema.Job) ([]any, error) {
 		inputs, strOrNil(j.Node), strOrNil(j.PromptID), j.Attempts, strOrNil(j.LeaseOwner),
 		ntval(j.LeaseExpiresAt), progress, outputs, jerr, strOrNil(j.IdempotencyKey), j.Charged,
 		j.CancelRequested, tval(j.CreatedAt), ntval(j.DispatchedAt), ntval(j.StartedAt),
-		ntval(j.FinishedAt), tval(j.UpdatedAt),
+		ntval(j.FinishedAt), tval(j.UpdatedAt), strOrNil(j.WebhookURL),
 	}, nil
 }
 
@@ -168,6 +169,7 @@ func (r *jobRow) job() (*schema.Job, error) {
 		StartedAt:       r.StartedAt.Ptr(),
 		FinishedAt:      r.FinishedAt.Ptr(),
 		UpdatedAt:       r.UpdatedAt.Time,
+		WebhookURL:      r.WebhookURL.String,
 	}
 	if r.Metadata.Valid && r.Metadata.String != "" {
 		j.Metadata = json.RawMessage(r.Metadata.String)

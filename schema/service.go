@@ -14,6 +14,7 @@ type SubmitParams struct {
 	Metadata       json.RawMessage // free JSON, <= MaxMetadataBytes
 	IdempotencyKey string
 	Inputs         []InputFile
+	WebhookURL     string // checked against webhooks.allow by the server
 }
 
 // MaxMetadataBytes caps a job's metadata (contract: 16 KiB).

@@ -34,6 +34,8 @@ type submitBody struct {
 	Workflow json.RawMessage `json:"workflow"`
 	Priority int             `json:"priority"`
 	Metadata json.RawMessage `json:"metadata"`
+	// WebhookURL overrides the frontend's webhook address for this job.
+	WebhookURL string `json:"webhook_url"`
 }
 
 // validate checks what the server can check cheaply; the graph itself is the
@@ -103,6 +105,9 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	if err := s.checkWebhookURL(frontend, b.WebhookURL); err != nil {
+		return err
+	}
 	job, err := jobs.Submit(c.UserContext(), schema.SubmitParams{
 		Frontend:       frontend,
 		UserID:         b.UserID,
@@ -111,6 +116,7 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 		Metadata:       b.Metadata,
 		IdempotencyKey: key,
 		Inputs:         inputs,
+		WebhookURL:     b.WebhookURL,
 	})
 	if err != nil {
 		return err
@@ -154,6 +160,8 @@ func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.In
 			if !json.Valid(b.Metadata) {
 				return nil, newAPIError(http.StatusBadRequest, "invalid_json", "metadata is not valid JSON").with("field", "metadata")
 			}
+		case "webhook_url":
+			b.WebhookURL = v
 		case "priority":
 			p, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil {

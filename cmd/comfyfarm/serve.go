@@ -19,6 +19,7 @@ import (
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/server"
+	"github.com/comfyfarm/comfyfarm/webhook"
 )
 
 func init() {
@@ -72,9 +73,13 @@ type app struct {
 	store    oss.Store
 	local    *oss.Local // set when storage.kind is local
 	farm     *dispatch.Farm
-	jobs     server.JobService
-	nodes    server.NodeService
-	server   *server.Server
+	// controlStore is the control database's store, shared by the farm and
+	// the webhook deliverer.
+	controlStore   *dbcontrollers.Store
+	webhookTargets *webhook.Targets
+	jobs           server.JobService
+	nodes          server.NodeService
+	server         *server.Server
 
 	// workers run beside the HTTP server until their context ends (see run).
 	workers []func(ctx context.Context) error
@@ -106,6 +111,10 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		return nil, fmt.Errorf("control database: %w", err)
 	}
 	a.closers = append(a.closers, a.control.Close)
+	a.controlStore = dbcontrollers.NewStore(a.control)
+	if err := a.openWebhooks(); err != nil {
+		return nil, err
+	}
 	if a.registry, err = dbcontrollers.NewRegistry(ctx, dbcfg, cfg.frontendConfigs()); err != nil {
 		return nil, fmt.Errorf("frontends: %w", err)
 	}
@@ -131,6 +140,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		Jobs:      a.jobs,
 		Nodes:     a.nodes,
 		Metrics:   a.metrics,
+		Webhooks:  webhookService{targets: a.webhookTargets, store: a.controlStore},
 	}
 	if a.local != nil {
 		deps.Files = a.local
@@ -164,6 +174,9 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		MaxStreams:       cfg.Limits.MaxStreams,
 	}, deps)
 	if err != nil {
+		return nil, err
+	}
+	if err := a.startWebhooks(); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -229,8 +242,11 @@ func (a *app) openStorage() error {
 //  1. the HTTP server stops accepting connections, ends every event stream and
 //     gives in-flight requests shutdown_timeout to finish, so no new job
 //     enters while the farm stops;
-//  2. the workers (the dispatch farm) are cancelled and waited for; a job on a
-//     node keeps its lease and is reconciled on the next start;
+//  2. the workers (the dispatch farm, the webhook deliverer) are cancelled and
+//     waited for; a job on a node keeps its lease and is reconciled on the
+//     next start; a webhook request in flight is abandoned and recorded as
+//     interrupted, due again at once (for this process's next start or
+//     another process);
 //  3. close (deferred by the caller) releases storage and the databases, in
 //     reverse order of opening.
 func (a *app) run(ctx context.Context, ln net.Listener) error {

@@ -180,7 +180,7 @@ func TestWebhookClaimAndRecord(t *testing.T) {
 		err := s.WebhookRecord(ctx, dbcontrollers.WebhookResult{ID: first.ID, Owner: "zz", State: schema.WebhookDelivered})
 		wantErr(t, err, schema.ErrConflict)
 		err = s.WebhookRecord(ctx, dbcontrollers.WebhookResult{ID: first.ID, Owner: owner, State: schema.WebhookPending,
-			Attempt: schema.WebhookAttempt{At: clock, StatusCode: 500, Error: "answered 500", DurationMS: 1.5},
+			Attempt:       schema.WebhookAttempt{At: clock, StatusCode: 500, Error: "answered 500", DurationMS: 1.5},
 			NextAttemptAt: clock.Add(5 * time.Second)})
 		if err != nil {
 			t.Fatal(err)

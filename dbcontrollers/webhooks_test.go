@@ -191,14 +191,14 @@ func TestWebhookClaimAndRecord(t *testing.T) {
 			t.Fatalf("claimed %d early (%v)", len(got), err)
 		}
 		advance(6 * time.Second)
-		got, err := s.WebhookClaim(ctx, dbcontrollers.WebhookClaimParams{Owner: "b", Limit: 100, LeaseUntil: clock.Add(time.Minute)})
+		got, err := s.WebhookClaim(ctx, dbcontrollers.WebhookClaimParams{Owner: "later", Limit: 100, LeaseUntil: clock.Add(time.Minute)})
 		if err != nil || len(got) != 1 || got[0].ID != first.ID || len(got[0].Attempts) != 1 || got[0].Attempts[0].StatusCode != 500 {
 			t.Fatalf("after back-off: %+v (%v)", got, err)
 		}
-		// the old owner's late result is refused
+		// the first owner's late result is refused
 		err = s.WebhookRecord(ctx, dbcontrollers.WebhookResult{ID: first.ID, Owner: owner, State: schema.WebhookDelivered})
 		wantErr(t, err, schema.ErrConflict)
-		if err := s.WebhookRecord(ctx, dbcontrollers.WebhookResult{ID: first.ID, Owner: "b", State: schema.WebhookDelivered,
+		if err := s.WebhookRecord(ctx, dbcontrollers.WebhookResult{ID: first.ID, Owner: "later", State: schema.WebhookDelivered,
 			Attempt: schema.WebhookAttempt{At: clock, StatusCode: 204}}); err != nil {
 			t.Fatal(err)
 		}

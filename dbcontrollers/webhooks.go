@@ -111,6 +111,9 @@ type WebhookClaimParams struct {
 	Owner      string    // the deliverer holding the lease
 	Limit      int       // at most this many
 	LeaseUntil time.Time // the row comes due again then if no result is recorded
+	// ExcludeFrontends are left out (the deliverer has as many of theirs
+	// in flight as it allows).
+	ExcludeFrontends []string
 }
 
 // WebhookClaim leases up to Limit due deliveries, oldest due first. Two
@@ -126,7 +129,17 @@ func (s *Store) WebhookClaim(ctx context.Context, p WebhookClaimParams) ([]schem
 		return nil, schema.Invalid("lease_until", "required")
 	}
 	now := s.now()
-	due := "SELECT id FROM webhooks WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?"
+	due := "SELECT id FROM webhooks WHERE state = 'pending' AND next_attempt_at <= ?"
+	dueArgs := []any{tval(now)}
+	if len(p.ExcludeFrontends) > 0 {
+		q, args, err := sqlx.In(due+" AND frontend NOT IN (?)", dueArgs[0], p.ExcludeFrontends)
+		if err != nil {
+			return nil, err
+		}
+		due, dueArgs = q, args
+	}
+	due += " ORDER BY next_attempt_at, id LIMIT ?"
+	dueArgs = append(dueArgs, p.Limit)
 	set := "UPDATE webhooks SET next_attempt_at = ?, lease_owner = ?, updated_at = ? WHERE "
 	var rows []webhookRow
 	if s.mysql() {
@@ -136,7 +149,7 @@ func (s *Store) WebhookClaim(ctx context.Context, p WebhookClaimParams) ([]schem
 		err := inTxRetryOpts(ctx, s.db, opts, func(tx *sqlx.Tx) error {
 			rows = nil
 			var ids []string
-			if err := tx.SelectContext(ctx, &ids, due+" FOR UPDATE SKIP LOCKED", tval(now), p.Limit); err != nil {
+			if err := tx.SelectContext(ctx, &ids, due+" FOR UPDATE SKIP LOCKED", dueArgs...); err != nil {
 				return interpretError(err)
 			}
 			if len(ids) == 0 {
@@ -159,13 +172,31 @@ func (s *Store) WebhookClaim(ctx context.Context, p WebhookClaimParams) ([]schem
 			return nil, fmt.Errorf("claim webhooks: %w", err)
 		}
 	} else {
-		err := sqlx.SelectContext(ctx, s.db, &rows, set+"id IN ("+due+") RETURNING "+webhookColumns,
-			tval(p.LeaseUntil), p.Owner, tval(now), tval(now), p.Limit)
+		args := append([]any{tval(p.LeaseUntil), p.Owner, tval(now)}, dueArgs...)
+		err := sqlx.SelectContext(ctx, s.db, &rows, set+"id IN ("+due+") RETURNING "+webhookColumns, args...)
 		if err != nil {
 			return nil, fmt.Errorf("claim webhooks: %w", interpretError(err))
 		}
 	}
 	return deliveriesOf(rows)
+}
+
+// WebhookRelease gives claimed deliveries back unattempted: due at once,
+// for any deliverer. Rows the owner no longer holds are left alone.
+func (s *Store) WebhookRelease(ctx context.Context, owner string, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	now := s.now()
+	q, args, err := sqlx.In("UPDATE webhooks SET next_attempt_at = ?, lease_owner = NULL, updated_at = ? "+
+		"WHERE id IN (?) AND lease_owner = ? AND state = 'pending'", tval(now), tval(now), ids, owner)
+	if err != nil {
+		return err
+	}
+	if _, err := s.db.ExecContext(ctx, q, args...); err != nil {
+		return fmt.Errorf("release webhooks: %w", interpretError(err))
+	}
+	return nil
 }
 
 // WebhookResult is the outcome of one attempt at a claimed delivery.

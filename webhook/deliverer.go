@@ -55,6 +55,7 @@ const (
 // Store is what the deliverer needs from the control database.
 type Store interface {
 	WebhookClaim(ctx context.Context, p dbcontrollers.WebhookClaimParams) ([]schema.WebhookDelivery, error)
+	WebhookRelease(ctx context.Context, owner string, ids []string) error
 	WebhookRecord(ctx context.Context, r dbcontrollers.WebhookResult) error
 	WebhookPending(ctx context.Context) (map[string]int, error)
 	JobGet(ctx context.Context, id string) (*schema.Job, error)
@@ -62,8 +63,12 @@ type Store interface {
 
 // Config tunes a Deliverer. Zero values get the defaults.
 type Config struct {
-	Owner        string          // lease owner (the instance id); required
-	Concurrency  int             // requests in flight at once
+	Owner       string // lease owner (the instance id); required
+	Concurrency int    // requests in flight at once
+	// PerFrontend caps one frontend's requests in flight, so receivers
+	// that hang take at most that many of the Concurrency slots; default
+	// half of Concurrency (at least 1).
+	PerFrontend  int
 	Timeout      time.Duration   // one request, connection to answer
 	MaxAge       time.Duration   // no try starts later than this after the event
 	Backoff      []time.Duration // waits between tries, the last repeating
@@ -86,6 +91,9 @@ type Deliverer struct {
 	log     *slog.Logger
 	wake    chan struct{}
 
+	mu   sync.Mutex
+	busy map[string]int // requests in flight by frontend
+
 	deliveries *prometheus.CounterVec
 	pending    *prometheus.GaugeVec
 	seen       map[string]bool // frontends with a pending gauge
@@ -99,6 +107,10 @@ func New(cfg Config, store Store, targets *Targets) (*Deliverer, error) {
 	if cfg.Concurrency <= 0 {
 		cfg.Concurrency = DefaultConcurrency
 	}
+	if cfg.PerFrontend <= 0 {
+		cfg.PerFrontend = max(1, cfg.Concurrency/2)
+	}
+	cfg.PerFrontend = min(cfg.PerFrontend, cfg.Concurrency)
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = DefaultTimeout
 	}
@@ -140,6 +152,7 @@ func New(cfg Config, store Store, targets *Targets) (*Deliverer, error) {
 		},
 		log:  cfg.Logger,
 		wake: make(chan struct{}, 1),
+		busy: map[string]int{},
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "comfyfarm_webhook_deliveries_total",
 			Help: "Webhook delivery attempts by frontend and outcome (delivered, retry, gone, expired, interrupted).",
@@ -157,8 +170,8 @@ func (d *Deliverer) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{d.deliveries, d.pending}
 }
 
-// Notify asks for a look at the outbox now rather than at the next poll.
-func (d *Deliverer) Notify() {
+// notify asks for a look at the outbox now rather than at the next poll.
+func (d *Deliverer) notify() {
 	select {
 	case d.wake <- struct{}{}:
 	default:
@@ -179,19 +192,29 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		if free := cap(slots) - len(slots); free > 0 {
 			list, err := d.store.WebhookClaim(ctx, dbcontrollers.WebhookClaimParams{
 				Owner: d.cfg.Owner, Limit: free, LeaseUntil: d.cfg.NowFunc().Add(d.cfg.Timeout + leaseSlack),
+				ExcludeFrontends: d.fullFrontends(),
 			})
 			if err != nil && ctx.Err() == nil {
 				d.log.Warn("claim webhooks", "err", err)
 			}
+			var back []string
 			for _, w := range list {
+				if !d.take(w.Frontend) {
+					back = append(back, w.ID) // that frontend filled up within this batch
+					continue
+				}
 				slots <- struct{}{}
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
 					d.deliver(ctx, w)
+					d.done(w.Frontend)
 					<-slots
-					d.Notify()
+					d.notify()
 				}()
+			}
+			if err := d.store.WebhookRelease(ctx, d.cfg.Owner, back); err != nil && ctx.Err() == nil {
+				d.log.Warn("release webhooks", "err", err) // they come due when the lease ends
 			}
 		}
 		if time.Since(gaugeAt) >= 5*d.cfg.PollInterval {
@@ -204,6 +227,38 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		case <-poll.C:
 		case <-d.wake:
 		}
+	}
+}
+
+// fullFrontends are the frontends with PerFrontend requests in flight.
+func (d *Deliverer) fullFrontends() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []string
+	for f, n := range d.busy {
+		if n >= d.cfg.PerFrontend {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// take counts a request of frontend in flight, if its cap allows one more.
+func (d *Deliverer) take(frontend string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.busy[frontend] >= d.cfg.PerFrontend {
+		return false
+	}
+	d.busy[frontend]++
+	return true
+}
+
+func (d *Deliverer) done(frontend string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.busy[frontend]--; d.busy[frontend] <= 0 {
+		delete(d.busy, frontend)
 	}
 }
 

@@ -504,3 +504,48 @@ func TestJobURLAndEvents(t *testing.T) {
 		}
 	})
 }
+
+// A frontend whose receiver hangs takes at most PerFrontend slots: with
+// five of its deliveries hanging, another frontend's still go out.
+func TestHangingFrontendKeepsToItsShare(t *testing.T) {
+	t.Parallel()
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		t.Parallel()
+		release := make(chan struct{})
+		var hanging atomic.Int32
+		slow := newReceiver(t, func(n int, w http.ResponseWriter, r *http.Request) {
+			hanging.Add(1)
+			defer hanging.Add(-1)
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		})
+		fast := newReceiver(t, statusSequence(200))
+		targets := mustTargets(t, map[string]webhook.Endpoint{
+			"slow": endpoint(t, slow.URL, newSecret(t)),
+			"fast": endpoint(t, fast.URL, newSecret(t)),
+		})
+		s := openStore(t, cfg, nil, targets)
+		var slowJobs []*schema.Job
+		for i := 0; i < 5; i++ {
+			slowJobs = append(slowJobs, finish(t, s, "slow", schema.JobSucceeded, ""))
+		}
+		run(t, webhook.Config{Concurrency: 4, PerFrontend: 2, Timeout: time.Minute}, s, targets)
+		slow.next(t)
+		slow.next(t)
+		fastJob := finish(t, s, "fast", schema.JobFailed, "")
+		fast.next(t)
+		if n := hanging.Load(); n != 2 {
+			t.Fatalf("%d slow requests in flight, want 2", n)
+		}
+		waitDelivery(t, s, fastJob.ID, inState(schema.WebhookDelivered))
+		close(release)
+		for _, j := range slowJobs {
+			waitDelivery(t, s, j.ID, inState(schema.WebhookDelivered))
+		}
+		if n := slow.count.Load(); n != 5 {
+			t.Fatalf("%d slow requests, want 5", n)
+		}
+	})
+}

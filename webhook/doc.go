@@ -25,5 +25,6 @@
 //
 // The job path never waits on a receiver: writing the outbox row is one
 // insert, and delivery runs in its own goroutines, at most Concurrency at a
-// time, each request bounded by Timeout.
+// time and PerFrontend for one frontend, each request bounded by Timeout: a
+// receiver that hangs holds its frontend's share of the slots, no more.
 package webhook

@@ -160,6 +160,7 @@ type WebhooksConfig struct {
 	// *.domain wildcards, IP addresses and networks. Empty: none.
 	Allow        []string        `yaml:"allow"`
 	Concurrency  int             `yaml:"concurrency"`   // requests in flight at once
+	PerFrontend  int             `yaml:"per_frontend"`  // of them, at most this many for one frontend
 	Timeout      time.Duration   `yaml:"timeout"`       // one request
 	MaxAge       time.Duration   `yaml:"max_age"`       // retries stop this long after the event
 	Backoff      []time.Duration `yaml:"backoff"`       // waits between tries; the last repeats
@@ -693,6 +694,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Webhooks.Concurrency < 1 || c.Webhooks.Concurrency > 1024 {
 		bad("webhooks.concurrency", "want 1 to 1024")
+	}
+	if c.Webhooks.PerFrontend < 1 || c.Webhooks.PerFrontend > c.Webhooks.Concurrency {
+		bad("webhooks.per_frontend", "want 1 to webhooks.concurrency (%d)", c.Webhooks.Concurrency)
 	}
 	positive("webhooks.timeout", c.Webhooks.Timeout)
 	positive("webhooks.max_age", c.Webhooks.MaxAge)

@@ -52,6 +52,7 @@ func (a *app) startWebhooks() error {
 	d, err := webhook.New(webhook.Config{
 		Owner:        webhookOwner(a.cfg.Scheduler.InstanceID),
 		Concurrency:  cfg.Concurrency,
+		PerFrontend:  cfg.PerFrontend,
 		Timeout:      cfg.Timeout,
 		MaxAge:       cfg.MaxAge,
 		Backoff:      cfg.Backoff,

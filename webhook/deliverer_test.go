@@ -94,12 +94,6 @@ func (rc *receiver) next(t testing.TB) request {
 	}
 }
 
-type bundle struct {
-	cfg   dbcontrollers.Config
-	store *dbcontrollers.Store
-	clock *clock
-}
-
 func openStore(t testing.TB, cfg dbcontrollers.Config, c *clock, targets *webhook.Targets) *dbcontrollers.Store {
 	t.Helper()
 	db, err := dbcontrollers.OpenControl(testContext(t), cfg)

@@ -8,7 +8,7 @@ LDFLAGS     := -s -w -X main.version=$(VERSION)
 FUZZTIME    ?= 30s
 IMAGE       ?= comfyfarm:$(VERSION)
 
-.PHONY: all build test test-short vet lint fmt fmt-check ci run demo sim bench fuzz docker clean
+.PHONY: all build test test-short vet lint fmt fmt-check ci run demo sim bench fuzz soak docker clean
 
 all: fmt-check vet lint test
 
@@ -23,6 +23,16 @@ test:
 ## test-short: the tests without the race detector, faster
 test-short:
 	$(GO) test -count=1 $(PKGS)
+
+## soak: the chaos soak (about a minute per run): 3 fake node processes killed -9
+## and restarted, `comfyfarm serve` killed -9 and restarted, on SQLite (SOAK_MYSQL=1:
+## MariaDB, taken away once behind a fault proxy); SOAK_RUNS runs in a row, SOAK_JOBS each
+SOAK_RUNS ?= 1
+SOAK_JOBS ?= 500
+SOAK_MYSQL ?=
+soak:
+	COMFYFARM_SOAK_JOBS=$(SOAK_JOBS) COMFYFARM_SOAK_MYSQL=$(SOAK_MYSQL) \
+		$(GO) test -tags soak -run '^TestSoak$$' -count=$(SOAK_RUNS) -failfast -timeout 0 -v ./cmd/comfyfarm/
 
 vet:
 	$(GO) vet $(PKGS)

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/comfyfarm/comfyfarm/internal/testnet"
 )
 
 const (
@@ -851,35 +853,8 @@ func TestObjectInfoLenient(t *testing.T) {
 }
 
 // closedAddr returns a loopback address that refuses connections until the
-// test ends. A listener opened and closed again would free its port for the
-// next listener (of this test binary or another one) to take; instead the
-// port is held by the client end of an open connection: no one can listen
-// on it, and a connection attempt is refused.
-func closedAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := l.Accept()
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := <-accepted
-	t.Cleanup(func() {
-		c.Close()
-		if peer != nil {
-			peer.Close()
-		}
-	})
-	return c.LocalAddr().String()
-}
+// test ends.
+func closedAddr(t *testing.T) string { return testnet.RefusedAddr(t) }
 
 func TestIsTransient(t *testing.T) {
 	c := newTestClient(t, "http://"+closedAddr(t))

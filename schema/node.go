@@ -6,8 +6,11 @@ import "time"
 type NodeState string
 
 const (
-	NodeUp       NodeState = "up"
-	NodeDegraded NodeState = "degraded" // answers, but slow or erroring
+	NodeUp NodeState = "up"
+	// NodeDegraded: answers, but slow or erroring, or failed
+	// scheduler.node_failure_limit jobs in a row for reasons of its own
+	// (NodeView.Reason says which); it gets no new jobs until it recovers.
+	NodeDegraded NodeState = "degraded"
 	NodeDown     NodeState = "down"
 	NodeDraining NodeState = "draining" // finishes current work, takes no new work
 	NodeUnknown  NodeState = "unknown"  // not probed yet
@@ -59,6 +62,7 @@ type NodeView struct {
 	Tags           []string   `json:"tags"`
 	MaxInflight    int        `json:"max_inflight"`
 	State          NodeState  `json:"state"`
+	Reason         string     `json:"reason"` // why the node is not up (degraded, down, draining); empty when up
 	HostReachable  bool       `json:"host_reachable"`
 	PortOpen       bool       `json:"port_open"`
 	ComfyOK        bool       `json:"comfy_ok"`

@@ -85,22 +85,16 @@ func (b *nodeUpdateBody) update() (schema.NodeUpdate, error) {
 		return p, schema.Invalid("max_inflight", "give max_inflight or tags")
 	}
 	if b.MaxInflight != nil {
-		if *b.MaxInflight < 1 || *b.MaxInflight > maxNodeInflight {
-			return p, schema.Invalid("max_inflight", "must be between 1 and %d", maxNodeInflight)
+		if err := checkMaxInflight(*b.MaxInflight); err != nil {
+			return p, err
 		}
 		p.MaxInflight = b.MaxInflight
 	}
 	if b.Tags != nil {
-		tags := *b.Tags
-		if len(tags) > maxNodeTags {
-			return p, schema.Invalid("tags", "more than %d tags", maxNodeTags)
+		if err := checkNodeTags(*b.Tags); err != nil {
+			return p, err
 		}
-		for _, t := range tags {
-			if !nodeName.MatchString(t) {
-				return p, schema.Invalid("tags", "tag %q must match %s", t, nodeName.String())
-			}
-		}
-		p.Tags = append([]string{}, tags...) // [] clears, never nil
+		p.Tags = append([]string{}, *b.Tags...) // [] clears, never nil
 	}
 	return p, nil
 }

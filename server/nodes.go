@@ -34,25 +34,41 @@ func (b *nodeBody) node() (schema.Node, error) {
 	if err := checkNodeURL("url", b.URL); err != nil {
 		return schema.Node{}, err
 	}
-	if len(b.Tags) > maxNodeTags {
-		return schema.Node{}, schema.Invalid("tags", "more than %d tags", maxNodeTags)
-	}
-	for _, t := range b.Tags {
-		if !nodeName.MatchString(t) {
-			return schema.Node{}, schema.Invalid("tags", "tag %q must match %s", t, nodeName.String())
-		}
+	if err := checkNodeTags(b.Tags); err != nil {
+		return schema.Node{}, err
 	}
 	n := schema.Node{Name: b.Name, URL: b.URL, Tags: b.Tags, MaxInflight: 1, Source: "api"}
 	if n.Tags == nil {
 		n.Tags = []string{}
 	}
 	if b.MaxInflight != nil {
-		if *b.MaxInflight < 1 || *b.MaxInflight > maxNodeInflight {
-			return schema.Node{}, schema.Invalid("max_inflight", "must be between 1 and %d", maxNodeInflight)
+		if err := checkMaxInflight(*b.MaxInflight); err != nil {
+			return schema.Node{}, err
 		}
 		n.MaxInflight = *b.MaxInflight
 	}
 	return n, nil
+}
+
+// checkNodeTags bounds a node's tags: how many, and each a name.
+func checkNodeTags(tags []string) error {
+	if len(tags) > maxNodeTags {
+		return schema.Invalid("tags", "more than %d tags", maxNodeTags)
+	}
+	for _, t := range tags {
+		if !nodeName.MatchString(t) {
+			return schema.Invalid("tags", "tag %q must match %s", t, nodeName.String())
+		}
+	}
+	return nil
+}
+
+// checkMaxInflight bounds a node's max_inflight.
+func checkMaxInflight(n int) error {
+	if n < 1 || n > maxNodeInflight {
+		return schema.Invalid("max_inflight", "must be between 1 and %d", maxNodeInflight)
+	}
+	return nil
 }
 
 // checkNodeURL accepts http(s)://host:port with nothing after the port but an

@@ -180,6 +180,11 @@ type SchedulerConfig struct {
 	StallTimeout  time.Duration `yaml:"stall_timeout"`
 	JobTimeout    time.Duration `yaml:"job_timeout"`
 	InstanceID    string        `yaml:"instance_id"` // lease owner; "" = the host name
+
+	// NodeFailureLimit: jobs in a row a node fails for reasons of its own
+	// (unreadable answers, lost prompts, outputs it cannot serve) before it
+	// is degraded and gets no new jobs.
+	NodeFailureLimit int `yaml:"node_failure_limit"`
 }
 
 // LimitsConfig bounds what clients may send.
@@ -649,6 +654,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Scheduler.MaxAttempts < 1 || c.Scheduler.MaxAttempts > 100 {
 		bad("scheduler.max_attempts", "want 1 to 100")
+	}
+	if c.Scheduler.NodeFailureLimit < 1 || c.Scheduler.NodeFailureLimit > 1000 {
+		bad("scheduler.node_failure_limit", "want 1 to 1000")
 	}
 
 	if c.Limits.MaxBodyMB < 1 || c.Limits.MaxBodyMB > 2047 {

@@ -53,6 +53,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"frontends.logo.controller", cfg.Frontends["logo"].Controller, "logo"},
 		{"scheduler.probe_interval", cfg.Scheduler.ProbeInterval, 5 * time.Second},
 		{"scheduler.max_attempts", cfg.Scheduler.MaxAttempts, 3},
+		{"scheduler.node_failure_limit", cfg.Scheduler.NodeFailureLimit, 3},
 		{"scheduler.stall_timeout", cfg.Scheduler.StallTimeout, 120 * time.Second},
 		{"scheduler.job_timeout", cfg.Scheduler.JobTimeout, 30 * time.Minute},
 		{"limits", cfg.Limits, LimitsConfig{MaxBodyMB: 32, MaxUploadMB: 20, MaxImagePixels: 50_000_000, MaxGraphNodes: 1000,

@@ -247,3 +247,56 @@ func TestPrometheusRules(t *testing.T) {
 		}
 	}
 }
+
+// TestMonitoringNamesExist: every comfyfarm_* series the alert rules and the
+// Grafana dashboard query is one the code defines (a renamed metric would
+// otherwise leave an alert that can never fire, or an empty panel).
+func TestMonitoringNamesExist(t *testing.T) {
+	root := filepath.Join("..", "..")
+	defined := map[string]bool{}
+	nameRE := regexp.MustCompile(`"(comfyfarm_[a-z_]+)"`)
+	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == ".git" || d.Name() == "testdata") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go") {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		for _, m := range nameRE.FindAllStringSubmatch(string(b), -1) {
+			defined[m[1]] = true
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	usedRE := regexp.MustCompile(`comfyfarm_[a-z_]+`)
+	for _, f := range []string{"prometheus-rules.yaml", "grafana-dashboard.json"} {
+		b, err := os.ReadFile(filepath.Join(root, "docker", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		used := usedRE.FindAllString(string(b), -1)
+		if len(used) < 5 {
+			t.Fatalf("%s names only %q", f, used)
+		}
+		for _, name := range used {
+			base := name
+			for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+				if b, ok := strings.CutSuffix(name, suffix); ok && defined[b] {
+					base = b
+				}
+			}
+			if !defined[base] {
+				t.Errorf("%s queries %s, which no code defines", f, name)
+			}
+		}
+	}
+}

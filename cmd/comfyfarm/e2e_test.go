@@ -342,7 +342,7 @@ func TestFullStack(t *testing.T) {
 			t.Fatalf("deleted photo's URL answers %d", res.StatusCode)
 		}
 		res, b = s.do("GET", "/metrics", "", nil, "")
-		if res.StatusCode != 200 || !bytes.Contains(b, []byte(`comfyfarm_jobs_finished_total{frontend="style",state="succeeded"} 1`)) {
+		if res.StatusCode != 200 || !bytes.Contains(b, []byte(`comfyfarm_jobs_finished_total{error_code="",frontend="style",outcome="succeeded"} 1`)) {
 			t.Fatalf("metrics lack the finished job:\n%.2000s", b)
 		}
 	})

@@ -14,9 +14,10 @@ func (a *app) openFarm(ctx context.Context) error {
 	cfg := a.cfg
 	store := a.controlStore
 	nodes := dispatch.NewNodes(store, dispatch.ProbeConfig{
-		Interval: cfg.Scheduler.ProbeInterval,
-		Timeout:  cfg.Probe.Timeout,
-		Allow:    cfg.Probe.Allow,
+		Interval:     cfg.Scheduler.ProbeInterval,
+		Timeout:      cfg.Probe.Timeout,
+		Allow:        cfg.Probe.Allow,
+		FailureLimit: cfg.Scheduler.NodeFailureLimit,
 	}, a.log.With("component", "nodes"))
 	list := make([]schema.Node, 0, len(cfg.Nodes))
 	for _, n := range cfg.Nodes {

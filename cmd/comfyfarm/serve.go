@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"runtime"
 	"slices"
 	"strings"
 
@@ -104,7 +105,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	warnExampleKeys(cfg, log)
 
 	a.metrics = prometheus.NewRegistry()
-	a.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo())
 
 	dbcfg := cfg.dbConfig(log)
 	if a.control, err = dbcontrollers.OpenControl(ctx, dbcfg); err != nil {
@@ -325,4 +326,15 @@ func (c *Config) frontendConfigs() []dbcontrollers.FrontendConfig {
 		})
 	}
 	return out
+}
+
+// buildInfo is comfyfarm_build_info{version,goversion} 1: which build runs,
+// to join with other series or to spot a mixed fleet.
+func buildInfo() prometheus.Collector {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "comfyfarm_build_info",
+		Help: "Always 1; the labels say which build runs.",
+	}, []string{"version", "goversion"})
+	g.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
+	return g
 }

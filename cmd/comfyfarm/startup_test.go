@@ -13,36 +13,12 @@ import (
 	"github.com/go-sql-driver/mysql"
 
 	"github.com/comfyfarm/comfyfarm/dbcontrollers/dbtest"
+	"github.com/comfyfarm/comfyfarm/internal/testnet"
 )
 
 // refusedAddr is a loopback address whose port refuses connections until the
-// test ends: it is held by the client end of an open connection, so nothing
-// can listen there.
-func refusedAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := <-accepted
-	t.Cleanup(func() {
-		c.Close()
-		if peer != nil {
-			peer.Close()
-		}
-	})
-	return c.LocalAddr().String()
-}
+// test ends.
+func refusedAddr(t *testing.T) string { return testnet.RefusedAddr(t) }
 
 // wrongPasswordDSN is the test MySQL server's DSN with a wrong password, or
 // skips t when no MySQL answers (fails it when MySQL is required).

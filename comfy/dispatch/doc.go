@@ -19,11 +19,44 @@
 //	(node lost,     | confirmed by /history
 //	 prompt lost,   v
 //	 interrupted  storing --(objects + photo rows)--> succeeded
-//	 by others)     |
-//	                +--> failed (execution_error, validation, attempts used up)
+//	 by others,     |
+//	 unreadable     +--> failed (execution_error, validation, attempts used up)
+//	 answers;
+//	 a post refused: no attempt used)
 //
 // A job moves only by compare-and-set on its state in the control database,
 // so a late event can never move it backwards or out of a terminal state.
+//
+// Each claim counts an attempt. A requeue keeps it (the node ran some of the
+// job, or may have), except when the post never reached the node: a
+// connection that could not be opened ran nothing, so the attempt is given
+// back and the same prompt id is used at the next claim.
+//
+// # Nodes that fail
+//
+// Node health comes from the prober (nodes.go, prober.go): up, degraded
+// (slow or bad answers), down, with two agreeing probes for a change; a
+// drained node shows as draining. Refused connects are probed at the
+// interval, timed-out probes back off. The runners add what only jobs show
+// (node_faults.go):
+//
+//	          refused connect (post, reconcile)
+//	  up ----------------------------------------> down
+//	  |  ^                                          |
+//	  |  |  two good probes in a row                |
+//	  |  +------------------------------------------+
+//	  |  ^
+//	  |  | back-off over and a good probe (probation: the next
+//	  |  | failure degrades again, back-off doubled), or a success
+//	  v  |
+//	degraded  <-- node_failure_limit failures of the node's own in a row
+//
+// A failure of the node's own is an unreadable answer (history, queue), a
+// prompt it lost while its event stream stayed connected (a reconnect means
+// a restart, which explains the loss), outputs it cannot serve, or a failed
+// post that reached it. The workflow's own execution_error or validation
+// error does not count. A job requeued for a node's fault remembers the node
+// and is placed elsewhere whenever another up node can run it.
 //
 // # Scheduling
 //
@@ -47,6 +80,8 @@
 // the node's queue and then its history: pending or running jobs stay, done
 // jobs complete, lost jobs go back to the queue (attempt + 1, up to
 // max_attempts). Deterministic failures (execution_error) fail without retry.
+// A history answer that cannot be read is given up after three tries in a
+// row, not waited out: the attempt fails at once and counts against the node.
 //
 // # Restarts
 //

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"slices"
+	"time"
 
 	"github.com/comfyfarm/comfyfarm/comfy"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -16,6 +17,10 @@ func (r *runner) handle(ev comfy.Event) {
 	ctx := r.farm.ctx
 	switch e := ev.(type) {
 	case *comfy.Connected:
+		r.mu.Lock()
+		r.connected = true
+		r.streamEpoch++
+		r.mu.Unlock()
 		if e.Reconnect {
 			// Whatever happened while we were away is recovered from the
 			// node's queue and history, never assumed. The node may have
@@ -30,7 +35,15 @@ func (r *runner) handle(ev comfy.Event) {
 			}()
 		}
 		return
-	case *comfy.Disconnected, *comfy.Status, *comfy.FeatureFlags, *comfy.Text, *comfy.Unknown, *comfy.UnknownBinary, *comfy.Malformed, *comfy.ProgressState, *comfy.ExecutionCached:
+	case *comfy.Disconnected:
+		r.mu.Lock()
+		if r.connected {
+			r.connected = false
+			r.streamEpoch++
+		}
+		r.mu.Unlock()
+		return
+	case *comfy.Status, *comfy.FeatureFlags, *comfy.Text, *comfy.Unknown, *comfy.UnknownBinary, *comfy.Malformed, *comfy.ProgressState, *comfy.ExecutionCached:
 		return
 	}
 
@@ -156,6 +169,7 @@ func (r *runner) lookup(ev comfy.Event) *active {
 func (r *runner) setCurrent(a *active) {
 	r.mu.Lock()
 	r.current = a
+	r.busy.set(r.farm.cfg.NowFunc(), a != nil)
 	r.mu.Unlock()
 }
 
@@ -163,8 +177,21 @@ func (r *runner) clearCurrent(a *active) {
 	r.mu.Lock()
 	if r.current == a {
 		r.current = nil
+		r.busy.set(r.farm.cfg.NowFunc(), false)
 	}
 	r.mu.Unlock()
+}
+
+// load is the node's slots in use and its busy share of the last minute.
+func (r *runner) load(now time.Time) (inflight int, busy float64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.jobs {
+		if a.holdsSlot() {
+			inflight++
+		}
+	}
+	return inflight, r.busy.ratio(now)
 }
 
 // finished starts completion of a prompt that the node says has ended.
@@ -234,6 +261,9 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		current := r.jobs[a.jobID] == a && !a.finishing && !a.posting
 		zombie := a.zombie
 		stalled := now.Sub(a.lastSign) > f.cfg.StallTimeout
+		// The node's stream stayed open since the job was taken on: the
+		// node was not restarted meanwhile.
+		unbroken := r.connected && a.epoch == r.streamEpoch
 		if err == nil && st.Phase != comfy.PromptLost {
 			a.lastSign = now
 		}
@@ -242,11 +272,18 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 			continue // moved on while we asked
 		}
 		if err != nil {
-			// The node does not answer. Give it until the stall timeout.
+			if notSent(err) {
+				r.farm.nodes.Suspect(r.name, "connection failed: "+err.Error())
+			}
+			// The node does not answer, or not readably. Give it until the
+			// stall timeout.
 			if stalled {
-				if zombie {
+				switch {
+				case zombie:
 					r.forget(a.ref())
-				} else {
+				case badAnswer(err):
+					f.requeueFault(ctx, r, a.ref(), "unreadable answer: "+err.Error())
+				default:
 					f.requeue(ctx, r, a.ref(), "node unreachable: "+err.Error())
 				}
 			}
@@ -262,10 +299,16 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		case comfy.PromptDone:
 			r.finished(a)
 		case comfy.PromptLost:
-			if zombie {
+			switch {
+			case zombie:
 				r.forget(a.ref())
-			} else {
+			case force || !unbroken:
+				// The event stream dropped since the job was posted (or
+				// this is the check after a reconnect or a start): a
+				// restart of the node explains the loss.
 				f.requeue(ctx, r, a.ref(), "prompt lost on the node (restarted?)")
+			default:
+				f.requeueFault(ctx, r, a.ref(), "prompt lost on the node while connected to it")
 			}
 		}
 	}

@@ -175,6 +175,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		started:    make(chan struct{}),
 		stopped:    make(chan struct{}),
 	}
+	f.queue.LenFunc = f.metrics.queueLen
 	nodes.SetRuntimeFunc(f.runtime)
 	return f
 }
@@ -283,7 +284,6 @@ func (f *Farm) loadQueue(ctx context.Context) error {
 		}
 		f.queue.Push(pj)
 	}
-	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.mu.Unlock()
 	for _, id := range unreadable {
 		f.failQueued(ctx, id, &schema.JobError{Code: schema.CodeValidationFailed, Message: "the workflow can no longer be read under the configured limits"})
@@ -299,6 +299,7 @@ func (f *Farm) failQueued(ctx context.Context, id string, jerr *schema.JobError)
 	if err != nil {
 		return
 	}
+	f.metrics.jobFinished(job)
 	f.refund(ctx, job)
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
 }
@@ -331,6 +332,9 @@ func (f *Farm) schedule(ctx context.Context) {
 		}
 		delete(f.positions, pj.ID)
 		dispatched = append(dispatched, pj.ID)
+		if job.Attempts == 1 {
+			f.metrics.queueWait.WithLabelValues(job.Frontend).Observe(f.cfg.NowFunc().Sub(job.CreatedAt).Seconds())
+		}
 		a := r.reserve(job, pj, true)
 		f.hub.Publish(job.ID, schema.Event{Type: schema.EventDispatched, Node: node})
 		f.wg.Add(1)
@@ -339,7 +343,6 @@ func (f *Farm) schedule(ctx context.Context) {
 			r.dispatch(ctx, job, a)
 		}()
 	}
-	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.publishPositionsLocked(dispatched...)
 }
 
@@ -351,7 +354,7 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 		r     *runner
 		limit int
 	}
-	var free []cand
+	var free, up []cand
 	for name, r := range f.runnerList() {
 		view, ok := f.nodes.Get(name)
 		if !ok || view.State != schema.NodeUp {
@@ -362,7 +365,11 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 		if limit <= 0 {
 			limit = 1
 		}
-		if n.Drain || r.inflight() >= limit {
+		if n.Drain {
+			continue
+		}
+		up = append(up, cand{name, r, limit})
+		if r.inflight() >= limit {
 			continue
 		}
 		free = append(free, cand{name, r, limit})
@@ -370,10 +377,24 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 	if len(free) == 0 {
 		return nil, ""
 	}
+	// elsewhere reports whether an up node other than those pj failed on
+	// can run it: then pj waits for such a node rather than go back.
+	elsewhere := func(pj *pendingJob) bool {
+		for _, c := range up {
+			if !slices.Contains(pj.Avoid, c.name) && c.r.canRun(pj.Classes) {
+				return true
+			}
+		}
+		return false
+	}
 	for _, pj := range f.queue.Plan() {
 		best, bestScore := "", -1.0
+		avoidSome := len(pj.Avoid) > 0 && elsewhere(pj)
 		for _, c := range free {
 			if !c.r.canRun(pj.Classes) {
+				continue
+			}
+			if avoidSome && slices.Contains(pj.Avoid, c.name) {
 				continue
 			}
 			// Affinity first (models already loaded), then the least loaded,
@@ -479,18 +500,21 @@ func (f *Farm) rescue(ctx context.Context) {
 	for i := range failed {
 		j := &failed[i]
 		f.tally.finished(j.Node, j.State)
+		f.metrics.jobFinished(j)
 		f.refund(ctx, j)
 		f.hub.Publish(j.ID, schema.Event{Type: schema.EventFailed, Error: j.Error})
 	}
 }
 
-// requeued puts a job that went back to queued into the scheduler.
-func (f *Farm) requeued(j *schema.Job) {
+// requeued puts a job that went back to queued into the scheduler; avoid
+// names the nodes that failed it.
+func (f *Farm) requeued(j *schema.Job, avoid ...string) {
 	pj, err := pendingFromJob(j, f.cfg.MaxGraphNodes)
 	if err != nil {
 		f.log.Error("requeue job", "job_id", j.ID, "err", err)
 		return
 	}
+	pj.Avoid = avoid
 	f.mu.Lock()
 	f.queue.Push(pj)
 	f.mu.Unlock()

@@ -55,6 +55,7 @@ type farmEnv struct {
 	fakes    map[string]*comfytest.Server
 	names    []string
 	mod      func(*FarmConfig)
+	probeMod func(*ProbeConfig)
 	nodeURL  func(name string, s *comfytest.Server) string
 
 	nodes  *Nodes
@@ -89,8 +90,14 @@ func newFarmEnv(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Optio
 // a wrapper for node URLs (nil: the fakes' own).
 func newFarmEnvWith(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Options, mod func(*FarmConfig), storage oss.Store, nodeURL func(name string, s *comfytest.Server) string) *farmEnv {
 	t.Helper()
+	return newFarmEnvProbe(t, dbcfg, opts, mod, storage, nodeURL, nil)
+}
+
+// newFarmEnvProbe is newFarmEnvWith with a change to the prober's settings.
+func newFarmEnvProbe(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Options, mod func(*FarmConfig), storage oss.Store, nodeURL func(name string, s *comfytest.Server) string, probeMod func(*ProbeConfig)) *farmEnv {
+	t.Helper()
 	ctx := context.Background()
-	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod}
+	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod, probeMod: probeMod}
 	var err error
 	if e.control, err = dbcontrollers.OpenControl(ctx, dbcfg); err != nil {
 		t.Fatal(err)
@@ -134,7 +141,11 @@ func (e *farmEnv) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
 	e.done = make(chan struct{})
-	e.nodes = NewNodes(e.store, ProbeConfig{Interval: 50 * time.Millisecond, Timeout: 2 * time.Second, SlowThreshold: 2 * time.Second, Jitter: -1}, testLogger())
+	pcfg := ProbeConfig{Interval: 50 * time.Millisecond, Timeout: 2 * time.Second, SlowThreshold: 2 * time.Second, Jitter: -1}
+	if e.probeMod != nil {
+		e.probeMod(&pcfg)
+	}
+	e.nodes = NewNodes(e.store, pcfg, testLogger())
 	var list []schema.Node
 	for _, name := range e.names {
 		u := e.fakes[name].URL()
@@ -525,7 +536,10 @@ func TestFarmCancelInEveryState(t *testing.T) {
 	if _, err := e.farm.Cancel(ctx, "style", j3.ID); !errors.Is(err, schema.ErrTerminal) {
 		t.Fatalf("second cancel: %v, want ErrTerminal", err)
 	}
-	photos, total, _ := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "c", Page: 1, Limit: 10})
+	photos, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "c", Page: 1, Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 0 {
 		t.Fatalf("cancelled jobs left photos: %+v", photos)
 	}
@@ -586,7 +600,10 @@ func TestFarmNodeCrashRequeues(t *testing.T) {
 		t.Fatalf("job finished on %s after %d attempts (crashed node %s)", done.Node, done.Attempts, running.Node)
 	}
 	ctrl, _ := e.reg.Get("alpha")
-	_, total, _ := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "crash", Page: 1, Limit: 10})
+	_, total, err := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "crash", Page: 1, Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 1 {
 		t.Fatalf("%d photos, want 1", total)
 	}
@@ -687,7 +704,10 @@ func TestFarmSubmitValidation(t *testing.T) {
 	if !errors.Is(err, schema.ErrUnknownFrontend) {
 		t.Errorf("unknown frontend: %v", err)
 	}
-	jobs, _ := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", Limit: 10})
+	jobs, err := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(jobs) != 0 {
 		t.Fatalf("refused submissions left %d jobs", len(jobs))
 	}
@@ -788,4 +808,71 @@ func TestFarmAdoptLeavesOtherInstancesJobs(t *testing.T) {
 	if r := e.farm.runner("n1"); r != nil && len(r.activeIDs()) != 0 {
 		t.Fatalf("the farm follows %v", r.activeIDs())
 	}
+}
+
+// crashingStore is a JobStore whose JobInsert never lands: it waits until
+// released and then fails, like a process that died between the charge and
+// the job.
+type crashingStore struct {
+	JobStore
+	inserting chan struct{}
+	release   chan struct{}
+}
+
+func (c *crashingStore) JobInsert(ctx context.Context, j *schema.Job) error {
+	close(c.inserting)
+	<-c.release
+	return errors.New("connection lost")
+}
+
+// A keyed submit that died after charging and before recording its job is
+// retried with the same Idempotency-Key: one job, one charge (the soak found
+// a credit short after comfyfarm was killed mid-submit).
+func TestFarmKeyedSubmitRetriedAfterCrashChargesOnce(t *testing.T) {
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		e := newFarmEnv(t, cfg, []comfytest.Options{sdOptions()}, nil)
+		ctx := context.Background()
+		p := schema.SubmitParams{Frontend: "style", UserID: "retry", Workflow: sdGraph(ckptXL, 1, 1), IdempotencyKey: "pay-once"}
+		cs := &crashingStore{JobStore: e.store, inserting: make(chan struct{}), release: make(chan struct{})}
+		dying := NewFarm(FarmConfig{Logger: testLogger()}, cs, e.reg, e.storage, e.nodes)
+		dead := make(chan error, 1)
+		go func() {
+			_, err := dying.Submit(ctx, p)
+			dead <- err
+		}()
+		<-cs.inserting // charged, the job not recorded: the process dies here
+
+		j, err := e.farm.Submit(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := e.farm.Submit(ctx, p)
+		if err != nil || again.ID != j.ID {
+			t.Fatalf("second retry: %+v %v, want job %s", again, err, j.ID)
+		}
+		e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
+		ctrl, _ := e.reg.Get("style")
+		u, err := ctrl.UserGet(ctx, ctrl.DB(), "retry")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.Credits != 4 {
+			t.Fatalf("credits %d after one job, want 4 (5 - 1)", u.Credits)
+		}
+		// The dead submit's late refund (were it alive after all) changes nothing.
+		close(cs.release)
+		if err := <-dead; err == nil {
+			t.Fatal("the dying submit succeeded")
+		}
+		if u, _ := ctrl.UserGet(ctx, ctrl.DB(), "retry"); u.Credits != 4 {
+			t.Fatalf("credits %d after the dead submit's refund, want 4", u.Credits)
+		}
+		jobs, err := e.store.JobList(ctx, schema.JobFilter{Frontend: "style", UserID: "retry", Limit: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(jobs) != 1 {
+			t.Fatalf("%d jobs, want 1", len(jobs))
+		}
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"net"
 	"slices"
 	"strconv"
 	"time"
@@ -130,7 +131,7 @@ func (f *Farm) failed(ctx context.Context, id string, job *schema.Job, err error
 		}
 		return
 	}
-	f.metrics.finished.WithLabelValues(job.Frontend, string(schema.JobFailed)).Inc()
+	f.metrics.jobFinished(job)
 	f.tally.finished(job.Node, job.State)
 	f.refund(ctx, job)
 	f.hub.Publish(id, schema.Event{Type: schema.EventFailed, Error: jerr})
@@ -152,6 +153,40 @@ func (f *Farm) keepLease(id string, on bool) {
 // it when it has used all its attempts. ref's attempt guards against acting
 // on a newer attempt than the one that failed.
 func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string) {
+	f.requeueJob(ctx, r, ref, reason, requeuePlain)
+}
+
+// requeueFault is requeue for a failure of the node's own making (an
+// unreadable answer, a prompt it lost, outputs it cannot serve): it counts
+// against the node, and the job is placed on another node when one can run it.
+func (f *Farm) requeueFault(ctx context.Context, r *runner, ref jobRef, reason string) {
+	f.requeueJob(ctx, r, ref, reason, requeueNodeFault)
+}
+
+// requeueKind says what a requeue tells of the node and of the attempt.
+type requeueKind int
+
+const (
+	requeuePlain     requeueKind = iota // the node went away, was removed, or someone interrupted it
+	requeueNodeFault                    // the node failed the job: counts against it
+	requeueUnposted                     // the job never reached the node: the attempt is given back
+)
+
+func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason string, kind requeueKind) {
+	var avoid []string
+	if r != nil {
+		r.mu.Lock()
+		if a := r.jobs[ref.id]; a != nil && (ref.attempt == 0 || a.attempt == ref.attempt) {
+			avoid = a.avoid
+		}
+		r.mu.Unlock()
+		if kind == requeueNodeFault {
+			f.nodes.JobFailed(r.name, reason)
+			if !slices.Contains(avoid, r.name) {
+				avoid = append(slices.Clone(avoid), r.name)
+			}
+		}
+	}
 	job, err := f.store.JobGet(ctx, ref.id)
 	if err != nil {
 		// Stop following it all the same: its lease then runs out and the
@@ -168,7 +203,10 @@ func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string
 		}
 		return
 	}
-	if job.Attempts >= f.cfg.MaxAttempts {
+	attempts := job.Attempts
+	if kind == requeueUnposted && attempts > 0 {
+		attempts-- // nothing ran: the next claim takes the same attempt again
+	} else if job.Attempts >= f.cfg.MaxAttempts {
 		f.finishFailed(ctx, r, jobRef{ref.id, job.Attempts}, &schema.JobError{Code: schema.CodeNodeLost, Message: "gave up after " +
 			strconv.Itoa(job.Attempts) + " attempts: " + reason})
 		return
@@ -178,7 +216,7 @@ func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string
 	}
 	job, err = f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
 		ID: ref.id, From: activeStates, State: schema.JobQueued, Node: ptr(""), PromptID: ptr(""), ClearLease: true,
-		Attempt: &job.Attempts,
+		Attempt: &job.Attempts, Attempts: &attempts,
 	})
 	if err != nil {
 		if !errors.Is(err, schema.ErrConflict) {
@@ -186,9 +224,11 @@ func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string
 		}
 		return
 	}
-	f.log.Info("job requeued", "job_id", ref.id, "attempts", job.Attempts, "reason", reason)
-	f.metrics.requeued.Inc()
-	f.requeued(job)
+	f.log.Info("job requeued", "job_id", ref.id, "attempts", job.Attempts, "reason", reason, "node_fault", kind == requeueNodeFault)
+	if kind != requeueUnposted {
+		f.metrics.requeued.Inc()
+	}
+	f.requeued(job, avoid...)
 }
 
 // complete confirms the end of a's prompt through the node's history and
@@ -197,6 +237,12 @@ func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
 	entry, err := f.waitHistory(ctx, r, a.promptID)
 	if err != nil {
 		if ctx.Err() != nil {
+			return
+		}
+		if badAnswer(err) {
+			// The node answers, but nothing it says can be read: asking
+			// again will not help, another node may.
+			f.requeueFault(ctx, r, a.ref(), "unreadable history: "+err.Error())
 			return
 		}
 		// Not in history after the wait: let reconcile look again later.
@@ -236,14 +282,25 @@ func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
 }
 
 // waitHistory polls the history entry: it is written shortly after
-// execution_success, just before executing(null).
+// execution_success, just before executing(null). Only the entry's absence
+// and failures to reach the node are waited out (up to HistoryWait); an
+// answer that cannot be read is given up after badAnswerTries of them in a
+// row, within milliseconds, since a node that answers garbage keeps doing so.
 func (f *Farm) waitHistory(ctx context.Context, r *runner, promptID string) (*comfy.HistoryEntry, error) {
 	deadline := f.cfg.NowFunc().Add(f.cfg.HistoryWait)
 	wait := 5 * time.Millisecond
+	bad := 0
 	for {
 		entry, err := r.client.History(ctx, promptID)
 		if err == nil {
 			return entry, nil
+		}
+		if badAnswer(err) {
+			if bad++; bad >= badAnswerTries {
+				return nil, err
+			}
+		} else {
+			bad = 0
 		}
 		if f.cfg.NowFunc().After(deadline) {
 			return nil, err
@@ -257,6 +314,25 @@ func (f *Farm) waitHistory(ctx context.Context, r *runner, promptID string) (*co
 			wait *= 2
 		}
 	}
+}
+
+// badAnswerTries is how many unreadable answers in a row end a wait.
+const badAnswerTries = 3
+
+// badAnswer reports whether err is an answer of the node that cannot be
+// used (not JSON, the wrong shape, a 4xx), as opposed to the entry not being
+// there yet or the node not being reached (which may pass).
+func badAnswer(err error) bool {
+	return err != nil && !errors.Is(err, comfy.ErrNotInHistory) && !comfy.IsTransient(err) &&
+		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+}
+
+// notSent reports whether a request to the node failed before any byte of it
+// was sent: the connection could not be opened (refused, unreachable, timed
+// out). A post that never reached the node ran nothing there.
+func notSent(err error) bool {
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "dial"
 }
 
 // adopt takes over jobs that were active when the previous process stopped:

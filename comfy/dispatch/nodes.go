@@ -35,8 +35,19 @@ type ProbeConfig struct {
 	Jitter        float64       // fraction of the interval each delay is spread by; default 0.2, negative = none
 	Concurrency   int           // probes running at once; default 64
 	Allow         []string      // hosts, IPs and CIDRs ProbeURL may target; empty = loopback only
-	NowFunc       func() time.Time
+	// FailureLimit is scheduler.node_failure_limit: jobs in a row that fail
+	// for reasons of the node's own before it goes degraded; default 3.
+	FailureLimit int
+	// FaultBackoff is how long a node degraded by job failures first stays
+	// out of placement before a good probe lets it back; it doubles each time
+	// the node is degraded again without a success in between, up to
+	// maxFaultBackoff; default 30s.
+	FaultBackoff time.Duration
+	NowFunc      func() time.Time
 }
+
+// maxFaultBackoff caps the doubling FaultBackoff.
+const maxFaultBackoff = 10 * time.Minute
 
 func (c ProbeConfig) withDefaults() ProbeConfig {
 	if c.Interval <= 0 {
@@ -65,6 +76,12 @@ func (c ProbeConfig) withDefaults() ProbeConfig {
 	}
 	if c.Concurrency <= 0 {
 		c.Concurrency = 64
+	}
+	if c.FailureLimit <= 0 {
+		c.FailureLimit = 3
+	}
+	if c.FaultBackoff <= 0 {
+		c.FaultBackoff = 30 * time.Second
 	}
 	if c.NowFunc == nil {
 		c.NowFunc = time.Now
@@ -98,9 +115,11 @@ type NodeChange struct {
 // schedule and holds the latest health of every node.
 //
 // Health moves between up, degraded and down only when two probes in a row
-// agree (the first probe of an unknown node decides at once). A node whose
-// drain flag is set shows as draining whatever its health; its probe fields
-// stay current.
+// agree (the first probe of an unknown node decides at once), except that a
+// refused connection seen by a runner marks it down at once (Suspect). A
+// node whose drain flag is set shows as draining whatever its health; its
+// probe fields stay current. A node that fails FailureLimit jobs in a row
+// for reasons of its own shows as degraded while it answers (node_faults.go).
 type Nodes struct {
 	store   NodeStore
 	cfg     ProbeConfig
@@ -125,6 +144,9 @@ type Nodes struct {
 	dialer      func(ctx context.Context, addr string) (net.Conn, error)
 	lookupFunc  func(ctx context.Context, host string) ([]netip.Addr, error)
 	onProbeFunc func(probeRecord)
+	// waitFunc, when set, replaces the timer between one node's probes: it
+	// waits d (or not at all) and reports false when ctx ended.
+	waitFunc func(ctx context.Context, d time.Duration) bool
 }
 
 // probeRecord describes one scheduled probe (tests and benchmarks).
@@ -143,17 +165,50 @@ type nodeEntry struct {
 	port       int
 	health     schema.NodeState
 	pending    schema.NodeState // a different verdict waiting for confirmation
-	downStreak int              // consecutive down verdicts while down
+	downStreak int              // consecutive down verdicts that timed out, while down
+	suspect    string           // why the node was marked down without a probe (a refused connection)
 	last       *schema.ProbeResult
 	lastOKAt   *time.Time
 	cancel     context.CancelFunc // stops its worker
+
+	faults       int           // jobs in a row that failed for reasons of the node's own
+	faulty       bool          // degraded by faults: out of placement
+	faultyUntil  time.Time     // no good probe lets a faulty node back before this
+	faultBackoff time.Duration // the next faulty period; 0 = ProbeConfig.FaultBackoff
+	faultReason  string
 }
 
 func (e *nodeEntry) state() schema.NodeState {
 	if e.node.Drain {
 		return schema.NodeDraining
 	}
+	if e.faulty && (e.health == schema.NodeUp || e.health == schema.NodeDegraded) {
+		return schema.NodeDegraded
+	}
 	return e.health
+}
+
+// reason says why the node is not up, for the view.
+func (e *nodeEntry) reason(slow time.Duration) string {
+	switch {
+	case e.node.Drain:
+		return "drained: finishes its current work, takes no new work"
+	case e.faulty && (e.health == schema.NodeUp || e.health == schema.NodeDegraded):
+		return e.faultReason
+	case e.health == schema.NodeDown && e.suspect != "" && (e.last == nil || e.last.PortOpen):
+		return e.suspect
+	case e.health == schema.NodeDown || e.health == schema.NodeDegraded:
+		if e.last == nil {
+			return ""
+		}
+		if e.last.Error != "" {
+			return "probe: " + e.last.Error
+		}
+		if e.health == schema.NodeDegraded {
+			return fmt.Sprintf("probe: slow answers (%.0f ms, more than %s)", e.last.LatencyMS, slow)
+		}
+	}
+	return ""
 }
 
 // NewNodes builds an empty registry; call Load, then Run.
@@ -514,6 +569,7 @@ func (n *Nodes) viewLocked(e *nodeEntry) schema.NodeView {
 		Tags:         slices.Clone(e.node.Tags),
 		MaxInflight:  e.node.MaxInflight,
 		State:        e.state(),
+		Reason:       e.reason(n.cfg.SlowThreshold),
 		Devices:      []schema.Device{},
 		ModelsLoaded: []string{},
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -463,16 +464,21 @@ func TestNodesBadAnswerIsDegraded(t *testing.T) {
 	}
 }
 
-func TestNodesClosedPortAndBackoff(t *testing.T) {
+// Probes that time out back off: the gaps between them double up to
+// MaxBackoff.
+func TestNodesTimedOutProbesBackOff(t *testing.T) {
 	t.Parallel()
 	b := setupNodes(t, ProbeConfig{Interval: 20 * time.Millisecond, MaxBackoff: 80 * time.Millisecond, Jitter: -1})
+	b.nodes.dialer = func(ctx context.Context, addr string) (net.Conn, error) {
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	}
 	if _, err := b.nodes.Add(context.Background(), apiNode("off", closedPortURL(t))); err != nil {
 		t.Fatal(err)
 	}
 	b.run(t)
 	v := waitState(t, b.nodes, "off", schema.NodeDown)
-	if !v.HostReachable || v.PortOpen {
-		t.Errorf("closed port: host_reachable %v port_open %v, want true false", v.HostReachable, v.PortOpen)
+	if v.HostReachable || v.PortOpen {
+		t.Errorf("timed out: host_reachable %v port_open %v, want false false", v.HostReachable, v.PortOpen)
 	}
 	waitFor(t, "six probes", func() bool { return len(b.log.of("off", time.Time{})) >= 6 })
 	recs := b.log.of("off", time.Time{})
@@ -484,6 +490,60 @@ func TestNodesClosedPortAndBackoff(t *testing.T) {
 			t.Errorf("gap %d = %s, want >= %dms", i+1, gap, want)
 		}
 	}
+}
+
+// A node whose port refuses connections for 90 s (probe interval 1 s, on
+// the prober's own clock) and then listens again is up within two probe
+// intervals of listening: refused probes are cheap and do not back off, and
+// the first good answer needs one confirming probe.
+func TestNodesRestartAfterLongDowntimeIsUpWithinTwoIntervals(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	const interval = time.Second
+	b := setupNodes(t, ProbeConfig{Interval: interval, MaxBackoff: time.Minute, Jitter: -1, NowFunc: clock})
+	n := b.nodes
+	if _, err := n.Add(context.Background(), apiNode("gpu-1", "http://127.0.0.1:1")); err != nil {
+		t.Fatal(err)
+	}
+	n.mu.Lock()
+	e := n.entries["gpu-1"]
+	n.mu.Unlock()
+	up := schema.ProbeResult{HostReachable: true, PortOpen: true, ComfyOK: true, LatencyMS: 1}
+	refused := schema.ProbeResult{HostReachable: true, Error: "connection refused: port closed"}
+	if _, s, _ := n.apply(e, up, true); s != schema.NodeUp {
+		t.Fatalf("first probe: %s", s)
+	}
+	// The node dies: refused connections for 90 s of probe time.
+	died := now
+	var next time.Duration
+	for now.Sub(died) < 90*time.Second {
+		var s schema.NodeState
+		next, s, _ = n.apply(e, refused, false)
+		if now.Sub(died) > 2*interval && s != schema.NodeDown {
+			t.Fatalf("%s after the death: %s", now.Sub(died), s)
+		}
+		if next > interval {
+			t.Fatalf("%s after the death the next probe waits %s, want one interval (%s)", now.Sub(died), next, interval)
+		}
+		now = now.Add(next)
+	}
+	// It listens again somewhere within the last delay; the next probe is
+	// its first good answer at the latest one interval later.
+	restarted := now.Add(-next / 2)
+	firstGood := now
+	var s schema.NodeState
+	for s != schema.NodeUp {
+		next, s, _ = n.apply(e, up, true)
+		if s == schema.NodeUp {
+			break
+		}
+		now = now.Add(next)
+		if now.Sub(firstGood) > 2*interval {
+			t.Fatalf("still %s %s after the first good answer", s, now.Sub(firstGood))
+		}
+	}
+	t.Logf("up %s after the first good answer, %s after listening again", now.Sub(firstGood), now.Sub(restarted))
 }
 
 func TestNodesTwoAgreeingProbes(t *testing.T) {
@@ -1200,4 +1260,97 @@ func TestNodesWithStore(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The same with a fake ComfyUI and the real probe loop on a fake clock: the
+// node is crashed (connections refused) for 90 s of probe time, restarted,
+// and is up within two intervals of probe time. The loop's waits are
+// handed to the test, which moves the clock by each and lets it go on.
+func TestNodesFakeRestartAfter90sIsUpWithinTwoIntervals(t *testing.T) {
+	t.Parallel()
+	f := newComfy(t, comfytest.GenCurrent)
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	const interval = time.Second
+	b := setupNodes(t, ProbeConfig{Interval: interval, MaxBackoff: time.Minute, Jitter: -1, NowFunc: clock})
+	type wait struct {
+		d       time.Duration
+		proceed chan struct{}
+	}
+	waits := make(chan wait)
+	b.nodes.waitFunc = func(ctx context.Context, d time.Duration) bool {
+		w := wait{d, make(chan struct{})}
+		select {
+		case waits <- w:
+		case <-ctx.Done():
+			return false
+		}
+		select {
+		case <-w.proceed:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	if _, err := b.nodes.Add(context.Background(), apiNode("gpu-1", f.URL())); err != nil {
+		t.Fatal(err)
+	}
+	b.run(t)
+	// step lets one wait pass on the clock and returns its length.
+	step := func() time.Duration {
+		t.Helper()
+		select {
+		case w := <-waits:
+			mu.Lock()
+			now = now.Add(w.d)
+			mu.Unlock()
+			close(w.proceed)
+			return w.d
+		case <-time.After(waitLimit):
+			t.Fatal("the probe loop stopped waiting")
+			return 0
+		}
+	}
+	state := func() schema.NodeState { v, _ := b.nodes.Get("gpu-1"); return v.State }
+	for i := 0; state() != schema.NodeUp; i++ {
+		if i > 10 {
+			t.Fatalf("never up: %s", state())
+		}
+		step()
+		waitFor(t, "the probe after the wait", func() bool { return len(b.log.of("gpu-1", time.Time{})) >= i+1 })
+	}
+
+	f.Crash()
+	crashed := clock()
+	for clock().Sub(crashed) < 90*time.Second {
+		step()
+	}
+	if s := state(); s != schema.NodeDown {
+		t.Fatalf("after 90 s refused: %s", s)
+	}
+	// Restart right after a probe found it refused (the worst case), then
+	// let the loop go on one wait at a time, each time until its probe is in.
+	probed := func() {
+		t.Helper()
+		waitFor(t, "the probe after the wait", func() bool {
+			recs := b.log.of("gpu-1", time.Time{})
+			return len(recs) > 0 && recs[len(recs)-1].Result.ProbedAt.Equal(clock())
+		})
+	}
+	probed()
+	restart(t, f)
+	restarted := clock()
+	for state() != schema.NodeUp {
+		step()
+		probed()
+		if took := clock().Sub(restarted); took > 2*interval {
+			t.Fatalf("still %s %s of probe time after the restart, want up within two intervals (%s)", state(), took, 2*interval)
+		}
+	}
+	t.Logf("up %s of probe time after the restart", clock().Sub(restarted))
 }

@@ -44,12 +44,17 @@ func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *co
 		return
 	}
 	f.hub.Publish(job.ID, schema.Event{Type: schema.EventStoring})
+	storeStart := f.cfg.NowFunc()
+	if job.StartedAt != nil {
+		f.metrics.runDuration.WithLabelValues(job.Frontend, r.name).Observe(storeStart.Sub(*job.StartedAt).Seconds())
+	}
 
 	wait := 200 * time.Millisecond
 	var firstNodeErr time.Time
 	for attempt := 1; ; attempt++ {
 		outputs, err := f.copyOutputs(ctx, r, job, entry)
 		if err == nil {
+			f.metrics.storeDuration.Observe(f.cfg.NowFunc().Sub(storeStart).Seconds())
 			f.succeed(ctx, r, job, outputs)
 			return
 		}
@@ -63,7 +68,7 @@ func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *co
 			}
 			if f.cfg.NowFunc().Sub(firstNodeErr) > f.cfg.StallTimeout {
 				// The node lost the files (or itself): the run has to happen again.
-				f.requeue(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
+				f.requeueFault(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
 				return
 			}
 		}
@@ -265,7 +270,8 @@ func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs 
 		}
 		return
 	}
-	f.metrics.finished.WithLabelValues(done.Frontend, string(schema.JobSucceeded)).Inc()
+	f.nodes.JobSucceeded(r.name)
+	f.metrics.jobFinished(done)
 	f.tally.finished(done.Node, done.State)
 	f.metrics.jobSeconds.Observe(done.FinishedAt.Sub(done.CreatedAt).Seconds())
 	f.hub.Publish(job.ID, schema.Event{Type: schema.EventSucceeded, Outputs: done.Outputs})

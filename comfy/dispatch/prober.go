@@ -317,13 +317,27 @@ func (n *Nodes) startWorkerLocked(e *nodeEntry) {
 func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
 	delay := time.Duration(rand.Float64() * n.cfg.Jitter * float64(n.cfg.Interval))
 	due := time.Now().Add(delay)
-	timer := time.NewTimer(delay)
-	defer timer.Stop()
+	wait := n.waitFunc
+	if wait == nil {
+		timer := time.NewTimer(delay)
+		defer timer.Stop()
+		first := true
+		wait = func(ctx context.Context, d time.Duration) bool {
+			if !first {
+				timer.Reset(d)
+			}
+			first = false
+			select {
+			case <-ctx.Done():
+				return false
+			case <-timer.C:
+				return true
+			}
+		}
+	}
 	for {
-		select {
-		case <-ctx.Done():
+		if !wait(ctx, delay) {
 			return
-		case <-timer.C:
 		}
 		select {
 		case n.sem <- struct{}{}:
@@ -350,7 +364,7 @@ func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
 			return
 		}
 		due = time.Now().Add(next)
-		timer.Reset(next)
+		delay = next
 	}
 }
 
@@ -430,8 +444,15 @@ func (n *Nodes) apply(e *nodeEntry, res schema.ProbeResult, answered bool) (time
 	switch {
 	case v != schema.NodeDown:
 		e.downStreak = 0
+	case res.HostReachable && !res.PortOpen:
+		// Refused: the host answers at once, so asking again costs nothing,
+		// and a restarted node is seen within one interval of listening.
+		e.downStreak = 0
 	case e.health == schema.NodeDown:
-		e.downStreak++
+		e.downStreak++ // a probe that timed out: back off
+	}
+	if e.health != schema.NodeDown {
+		e.suspect = ""
 	}
 	r := res
 	e.last = &r
@@ -439,8 +460,20 @@ func (n *Nodes) apply(e *nodeEntry, res schema.ProbeResult, answered bool) (time
 		at := res.ProbedAt
 		e.lastOKAt = &at
 	}
+	now := n.cfg.NowFunc()
+	if e.faulty && e.health == schema.NodeUp && !now.Before(e.faultyUntil) {
+		// Back-off over and the node answers well: one job decides. Its
+		// success clears the faults; one more failure of its own degrades
+		// it again, for twice as long.
+		e.faulty = false
+		e.faults = n.cfg.FailureLimit - 1
+		n.log.Info("node taken back after its failure back-off", "node", name)
+	}
 	n.metrics.observe(name, res, answered)
 	next := nextProbeDelay(n.cfg, e.health, e.pending, e.downStreak)
+	if e.faulty && e.pending == "" {
+		next = max(next, e.faultyUntil.Sub(now))
+	}
 	var changes []NodeChange
 	s := e.state()
 	if s != old {
@@ -453,9 +486,11 @@ func (n *Nodes) apply(e *nodeEntry, res schema.ProbeResult, answered bool) (time
 	return next, s, true
 }
 
-// nextProbeDelay: one interval normally and while a change waits for its
-// confirming probe; for a node that stays down, doubling per further down
-// probe up to MaxBackoff. Jitter spreads each delay.
+// nextProbeDelay: one interval normally, while a change waits for its
+// confirming probe, and while connections are refused (cheap to ask, and a
+// restarted node is seen as soon as it listens); for a node whose probes
+// time out, doubling per further such probe up to MaxBackoff. Jitter spreads
+// each delay.
 func nextProbeDelay(cfg ProbeConfig, health, pending schema.NodeState, downStreak int) time.Duration {
 	d := cfg.Interval
 	if health == schema.NodeDown && pending == "" {

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/comfyfarm/comfyfarm/internal/testnet"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -120,35 +121,8 @@ func silentListener(t testing.TB) string {
 }
 
 // closedPortURL returns a loopback URL whose port refuses connections until
-// the test ends. A listener opened and closed again would free its port for
-// the next listener (of this test binary or another one) to take; instead the
-// port is held by the client end of an open connection: no one can listen
-// on it, and a connection attempt is refused.
-func closedPortURL(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := <-accepted
-	t.Cleanup(func() {
-		c.Close()
-		if peer != nil {
-			peer.Close()
-		}
-	})
-	return "http://" + c.LocalAddr().String()
-}
+// the test ends.
+func closedPortURL(t testing.TB) string { return "http://" + testnet.RefusedAddr(t) }
 
 // answering serves a fixed status and body on every path.
 func answering(t testing.TB, status int, body string) string {

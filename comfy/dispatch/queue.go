@@ -13,6 +13,7 @@ type pendingJob struct {
 	Created  time.Time
 	Classes  []string // class types of the graph
 	Models   []string // checkpoints and other model files it loads
+	Avoid    []string // nodes it failed on for reasons of theirs: placed elsewhere when another node can run it
 }
 
 // before orders jobs of one frontend: priority first, then FIFO.
@@ -44,6 +45,9 @@ type fairQueue struct {
 	served  map[string]uint64 // pick counter value when last served
 	picks   uint64
 	weights map[string]int
+	// LenFunc, when set, is told a frontend's number of queued jobs each
+	// time it changes (the queue depth gauge).
+	LenFunc func(frontend string, n int)
 }
 
 func newFairQueue(weights map[string]int) *fairQueue {
@@ -79,6 +83,9 @@ func (q *fairQueue) Push(j *pendingJob) {
 	copy(list[i+1:], list[i:])
 	list[i] = j
 	q.jobs[j.Frontend] = list
+	if q.LenFunc != nil {
+		q.LenFunc(j.Frontend, len(list))
+	}
 }
 
 // Remove takes a job out (no-op if absent).
@@ -100,6 +107,9 @@ func (q *fairQueue) Remove(id string) *pendingJob {
 		delete(q.credit, j.Frontend) // an idle frontend banks no credit
 	} else {
 		q.jobs[j.Frontend] = list
+	}
+	if q.LenFunc != nil {
+		q.LenFunc(j.Frontend, len(list))
 	}
 	return j
 }

@@ -40,6 +40,9 @@ type runner struct {
 	models      []string // models of recent runs, newest last
 	last        uint64
 	seq         uint64
+	connected   bool      // the event stream is open
+	busy        busyClock // when a prompt of ours ran, for the busy ratio
+	streamEpoch uint64    // counts event stream connects and drops
 }
 
 // active is a job this runner follows.
@@ -52,11 +55,13 @@ type active struct {
 	progress  *schema.Progress
 	lastSign  time.Time // last event or confirmation from the node
 	runSince  time.Time
-	attempt   int    // the job's attempt this entry follows
-	seq       uint64 // dispatch order on this node
-	posting   bool   // inputs being uploaded or /prompt in flight: reconcile leaves it alone
-	finishing bool   // completion under way
-	zombie    bool   // cancelled by us; the prompt may still occupy the node
+	attempt   int      // the job's attempt this entry follows
+	seq       uint64   // dispatch order on this node
+	posting   bool     // inputs being uploaded or /prompt in flight: reconcile leaves it alone
+	finishing bool     // completion under way
+	zombie    bool     // cancelled by us; the prompt may still occupy the node
+	avoid     []string // nodes this job failed on before, carried into a requeue
+	epoch     uint64   // the runner's streamEpoch when the job was taken on
 }
 
 const maxEarlyPrompts = 64
@@ -263,7 +268,8 @@ func (r *runner) reserve(job *schema.Job, pj *pendingJob, posting bool) *active 
 	r.seq++
 	a := &active{
 		jobID: job.ID, frontend: job.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: job.Attempts,
-		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: posting,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: posting, avoid: pj.Avoid,
+		epoch: r.streamEpoch,
 	}
 	r.jobs[job.ID] = a
 	return a
@@ -311,6 +317,7 @@ func (r *runner) forget(ref jobRef) {
 	}
 	if r.current == a {
 		r.current = nil
+		r.busy.set(r.farm.cfg.NowFunc(), false)
 	}
 	r.farm.kickScheduler()
 }
@@ -341,7 +348,7 @@ func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
 	resp, err := r.client.Submit(ctx, comfy.SubmitRequest{Prompt: body, PromptID: pid})
 	if err != nil {
 		posted()
-		r.dispatchFailed(ctx, job, err)
+		r.dispatchFailed(ctx, job, &nodeError{err})
 		return
 	}
 	if resp.PromptID != pid {
@@ -392,7 +399,7 @@ func (r *runner) prepare(ctx context.Context, job *schema.Job) ([]byte, error) {
 			})
 			rc.Close()
 			if err != nil {
-				return nil, fmt.Errorf("upload input %q: %w", in.Filename, err)
+				return nil, &nodeError{fmt.Errorf("upload input %q: %w", in.Filename, err)}
 			}
 			names[in.Filename] = up.LoadImageValue()
 		}
@@ -427,10 +434,31 @@ func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error)
 		if ctx.Err() != nil {
 			return // shutting down: the job keeps its lease and is adopted at the next start
 		}
-		r.log.Warn("dispatch failed, requeueing", "job_id", job.ID, "err", err)
-		r.farm.requeue(ctx, r, jobRef{job.ID, job.Attempts}, err.Error())
+		ref := jobRef{job.ID, job.Attempts}
+		var nerr *nodeError
+		switch {
+		case notSent(err):
+			// Nothing reached the node: no attempt is used, and the node
+			// leaves placement until the prober sees it answer again.
+			r.log.Warn("node refused the connection, job back to the queue", "job_id", job.ID, "err", err)
+			r.farm.nodes.Suspect(r.name, "connection failed: "+err.Error())
+			r.farm.requeueJob(ctx, r, ref, err.Error(), requeueUnposted)
+		case errors.As(err, &nerr):
+			r.log.Warn("dispatch failed on the node, requeueing", "job_id", job.ID, "err", err)
+			r.farm.requeueFault(ctx, r, ref, err.Error())
+		default:
+			r.log.Warn("dispatch failed, requeueing", "job_id", job.ID, "err", err)
+			r.farm.requeue(ctx, r, ref, err.Error())
+		}
 	}
 }
+
+// nodeError marks a failure of a request to the node (as opposed to one of
+// reading the job's own inputs from storage).
+type nodeError struct{ err error }
+
+func (e *nodeError) Error() string { return e.err.Error() }
+func (e *nodeError) Unwrap() error { return e.err }
 
 func validationDetails(v *comfy.ValidationError) map[string]any {
 	d := map[string]any{}

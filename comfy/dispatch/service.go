@@ -94,6 +94,15 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		return nil, err
 	}
 	cost := ctrl.CostPerJob()
+	// The charge (frontend database) and the job (control database) cannot
+	// share a transaction. A submit with an Idempotency-Key charges under
+	// that key, so that a retry after a crash between the two finds the
+	// earlier charge instead of adding a second one.
+	chargeKey := "job:" + id + ":charge"
+	if p.IdempotencyKey != "" {
+		chargeKey = "submit:" + p.IdempotencyKey + ":charge"
+	}
+	var earlier string // the job an earlier try of this submit charged for
 	err = dbcontrollers.InTx(ctx, ctrl.DB(), func(tx *sqlx.Tx) error {
 		if _, err := ctrl.UserEnsure(ctx, tx, p.UserID); err != nil {
 			return err
@@ -101,11 +110,24 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		if cost <= 0 {
 			return nil
 		}
-		_, err := ctrl.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
-			UserID: p.UserID, Delta: -cost, Reason: "job " + id, IdempotencyKey: "job:" + id + ":charge",
+		e, err := ctrl.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
+			UserID: p.UserID, Delta: -cost, Reason: "job " + id, IdempotencyKey: chargeKey,
 		})
+		if err == nil && e.Reason != "job "+id {
+			earlier = strings.TrimPrefix(e.Reason, "job ")
+		}
 		return err
 	})
+	if err == nil && earlier != "" {
+		var prev *schema.Job
+		if prev, err = f.store.JobGet(ctx, earlier); err == nil {
+			f.dropInputs(job)
+			return f.replay(ctx, prev, p) // recorded after all: a concurrent submit with the key
+		}
+		if errors.Is(err, schema.ErrNotFound) {
+			err = f.recharge(ctx, ctrl, p.UserID, earlier, id, cost)
+		}
+	}
 	if err != nil {
 		f.dropInputs(job)
 		return nil, err
@@ -131,6 +153,27 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 	f.mu.Unlock()
 	f.kickScheduler()
 	return f.view(ctx, job), nil
+}
+
+// recharge settles the charge of an earlier try of a keyed submit whose job
+// was never recorded (the process died between the charge and the job, or
+// the job's insert failed and its charge was refunded): that charge is
+// refunded, once (the refund key is the one a failed insert uses), and the
+// new job id is charged under its own key, in one transaction. Two
+// identical submits racing between one's charge and its insert may leave
+// that job uncharged; a retry after a crash, the case this is for, is exact.
+func (f *Farm) recharge(ctx context.Context, ctrl dbcontrollers.Controller, user, earlier, id string, cost int64) error {
+	return dbcontrollers.InTx(ctx, ctrl.DB(), func(tx *sqlx.Tx) error {
+		if _, err := ctrl.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
+			UserID: user, Delta: cost, Reason: "refund job " + earlier, IdempotencyKey: "job:" + earlier + ":refund",
+		}); err != nil {
+			return err
+		}
+		_, err := ctrl.CreditsApply(ctx, tx, dbcontrollers.CreditParams{
+			UserID: user, Delta: -cost, Reason: "job " + id, IdempotencyKey: "job:" + id + ":charge",
+		})
+		return err
+	})
 }
 
 // isOutputClass reports whether a class is an output node: by the core
@@ -484,7 +527,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 }
 
 func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
-	f.metrics.finished.WithLabelValues(j.Frontend, string(schema.JobCancelled)).Inc()
+	f.metrics.jobFinished(j)
 	f.refund(ctx, j)
 	f.hub.Publish(j.ID, schema.Event{Type: schema.EventCancelled})
 	f.mu.Lock()

@@ -18,7 +18,9 @@ import (
 	"net/url"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -190,7 +192,10 @@ func TestFarmInputImages(t *testing.T) {
 			t.Errorf("%s: err = %v, want %v", c.name, err, c.want)
 		}
 	}
-	jobs, _ := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", UserID: "in2", Limit: 5})
+	jobs, err := e.store.JobList(ctx, schema.JobFilter{Frontend: "alpha", UserID: "in2", Limit: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(jobs) != 0 {
 		t.Fatalf("refused uploads left %d jobs", len(jobs))
 	}
@@ -232,10 +237,100 @@ func TestFarmRefusesTraversalFilenames(t *testing.T) {
 		t.Fatalf("error %+v", done.Error)
 	}
 	ctrl, _ := e.reg.Get("alpha")
-	_, total, _ := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil", Page: 1, Limit: 5})
+	_, total, err := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil", Page: 1, Limit: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 0 {
 		t.Fatalf("%d photos recorded", total)
 	}
+}
+
+// A node whose history names its output in subfolder "../.." (end to end,
+// through the node's real history answer): the job fails storage_failed,
+// the node is never asked for a file outside its folders, and nothing is
+// written outside (or inside) the storage root.
+func TestFarmRefusesTraversalSubfolder(t *testing.T) {
+	rewrite := regexp.MustCompile(`"subfolder": ?"[^"]*"`)
+	var mu sync.Mutex
+	var views []string
+	e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil, nil,
+		func(name string, s *comfytest.Server) string {
+			target, _ := url.Parse(s.URL())
+			proxy := httputil.NewSingleHostReverseProxy(target)
+			proxy.ModifyResponse = func(resp *http.Response) error {
+				if resp.Request.URL.Path == "/view" {
+					mu.Lock()
+					views = append(views, resp.Request.URL.RawQuery)
+					mu.Unlock()
+				}
+				if !strings.HasPrefix(resp.Request.URL.Path, "/history/") {
+					return nil
+				}
+				body, err := io.ReadAll(resp.Body)
+				if err != nil {
+					return err
+				}
+				resp.Body.Close()
+				body = rewrite.ReplaceAll(body, []byte(`"subfolder": "../.."`))
+				resp.Body = io.NopCloser(bytes.NewReader(body))
+				resp.ContentLength = int64(len(body))
+				resp.Header.Del("Content-Length")
+				return nil
+			}
+			srv := httptest.NewServer(proxy)
+			t.Cleanup(srv.Close)
+			return srv.URL
+		})
+	ctx := context.Background()
+	outside := filepath.Dir(e.localDir)
+	before := listFiles(t, outside)
+	j := e.submit("alpha", "evil-dir", sdGraph(ckptXL, 1, 1), 0)
+	done := e.waitState(j.ID, schema.JobFailed, 30*time.Second)
+	if done.Error == nil || done.Error.Code != schema.CodeStorageFailed || !strings.Contains(done.Error.Message, "unsafe") {
+		t.Fatalf("error %+v", done.Error)
+	}
+	mu.Lock()
+	for _, q := range views {
+		if strings.Contains(q, "..") || strings.Contains(q, "%2E%2E") {
+			t.Errorf("the node was asked for /view?%s", q)
+		}
+	}
+	mu.Unlock()
+	if after := listFiles(t, outside); !slices.Equal(before, after) {
+		t.Errorf("files next to the storage root changed: %v -> %v", before, after)
+	}
+	if files := listFiles(t, e.localDir); len(files) != 0 {
+		t.Errorf("storage holds %v", files)
+	}
+	ctrl, _ := e.reg.Get("alpha")
+	_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil-dir", Page: 1, Limit: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if total != 0 {
+		t.Fatalf("%d photos recorded", total)
+	}
+}
+
+// listFiles lists the regular files under dir, sorted.
+func listFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			out = append(out, p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Completing a job again (a retried completion, or adoption after a crash
@@ -261,18 +356,14 @@ func TestFarmRepeatedCompletionIsIdempotent(t *testing.T) {
 		}
 	}
 	ctrl, _ := e.reg.Get("alpha")
-	_, total, _ := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "idem", Page: 1, Limit: 10})
+	_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "idem", Page: 1, Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if total != 1 {
 		t.Fatalf("%d photo rows after repeated completions, want 1", total)
 	}
-	var objects int
-	_ = filepath.WalkDir(filepath.Join(e.localDir, "alpha"), func(path string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			objects++
-		}
-		return nil
-	})
-	if objects != 1 {
+	if objects := len(listFiles(t, filepath.Join(e.localDir, "alpha"))); objects != 1 {
 		t.Fatalf("%d objects stored, want 1", objects)
 	}
 }

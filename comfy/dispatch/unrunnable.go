@@ -103,7 +103,6 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 		f.queue.Push(pj)
 		f.unrunnable[pj.ID] = now.Add(-f.cfg.StallTimeout)
 	}
-	f.metrics.queued.Set(float64(f.queue.Len()))
 	f.publishPositionsLocked()
 	f.mu.Unlock()
 }

@@ -5,7 +5,7 @@
 //
 // # Databases
 //
-//	control   comfyfarm           jobs, nodes, schema_migrations
+//	control   comfyfarm           jobs, nodes, webhooks, schema_migrations
 //	frontend  comfyfarm_<name>    users, credit_ledger, photos, schema_migrations
 //	          (SQLite: <path>/comfyfarm.db and <path>/<name>.db)
 //
@@ -53,6 +53,17 @@
 // An active job carries a lease (owner, expiry) that its owner extends with
 // JobExtendLease. JobRescue finds expired leases; its updates repeat the
 // expiry condition, so it is idempotent and needs no leader.
+//
+// # The webhook outbox
+//
+// When Store.WebhookURLFunc names an address for a job that JobUpdate or
+// JobRescue has just moved to a final state, the same transaction inserts its
+// row in webhooks (keyed by job and event, inserted only if absent), so the
+// state and the promise to announce it commit together. WebhookClaim leases
+// due rows to one deliverer (SKIP LOCKED at READ COMMITTED on MySQL, as the
+// rescue; one UPDATE ... RETURNING on SQLite); WebhookRecord writes an
+// attempt's result only for the lease's owner. See webhooks.go and package
+// webhook.
 //
 // # Frontends
 //

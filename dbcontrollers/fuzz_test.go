@@ -122,10 +122,20 @@ func FuzzParseDBTime(f *testing.F) {
 func rowFromArgs(t *testing.T, args []any) *jobRow {
 	t.Helper()
 	var r jobRow
-	dest := []any{&r.ID, &r.Frontend, &r.UserID, &r.State, &r.Priority, &r.Workflow, &r.Metadata, &r.Inputs, &r.Node,
-		&r.PromptID, &r.Attempts, &r.LeaseOwner, &r.LeaseExpiresAt, &r.Progress, &r.Outputs, &r.Error,
-		&r.IdempotencyKey, &r.Charged, &r.CancelRequested, &r.CreatedAt, &r.DispatchedAt, &r.StartedAt,
-		&r.FinishedAt, &r.UpdatedAt, &r.Template}
+	// The fields in jobColumns order, found by their db tags.
+	fields := map[string]any{}
+	rv := reflect.ValueOf(&r).Elem()
+	for i := range rv.NumField() {
+		fields[rv.Type().Field(i).Tag.Get("db")] = rv.Field(i).Addr().Interface()
+	}
+	var dest []any
+	for _, col := range strings.Split(jobColumns, ",") {
+		f, ok := fields[strings.TrimSpace(col)]
+		if !ok {
+			t.Fatalf("column %q has no jobRow field", col)
+		}
+		dest = append(dest, f)
+	}
 	if len(dest) != len(args) {
 		t.Fatalf("%d args for %d columns", len(args), len(dest))
 	}

@@ -188,13 +188,13 @@ func TestMigrationsMakeIdentifiersExact(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The row as a release of that schema wrote it: the columns of 00001.
+		// The job is written as a release at version 2 wrote it: later
+		// migrations add columns the store now writes.
 		a := newJob("style", "bob", 0)
-		a.IdempotencyKey = "k"
-		a.ID = dbcontrollers.NewJobID(time.Now())
-		now := time.Now().UTC().Format("2006-01-02 15:04:05.000000")
-		if _, err := old.ExecContext(ctx, "INSERT INTO jobs (id, frontend, user_id, state, priority, workflow, idempotency_key, created_at, updated_at) "+
-			"VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?)", a.ID, a.Frontend, a.UserID, string(a.Workflow), a.IdempotencyKey, now, now); err != nil {
+		a.ID, a.IdempotencyKey = dbcontrollers.NewJobID(time.Now()), "k"
+		if _, err := old.ExecContext(ctx, "INSERT INTO jobs (id, frontend, user_id, state, priority, workflow, "+
+			"idempotency_key, created_at, updated_at) VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?)", a.ID, a.Frontend,
+			a.UserID, string(a.Workflow), a.IdempotencyKey, "2026-01-01 00:00:00.000000", "2026-01-01 00:00:00.000000"); err != nil {
 			t.Fatal(err)
 		}
 		if err := dbcontrollers.NewStore(old).NodeUpsert(ctx, &schema.Node{Name: "gpu", URL: "http://127.0.0.1:8001"}); err != nil {

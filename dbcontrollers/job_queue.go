@@ -299,7 +299,23 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 			if n == 0 && u.Attempt != nil && job.Attempts != *u.Attempt {
 				return fmt.Errorf("%w: job %s is at attempt %d", schema.ErrConflict, u.ID, job.Attempts)
 			}
-			return nil
+			return s.finalWebhook(ctx, tx, u, job)
+		})
+	} else if u.State.Terminal() {
+		// A final state and its webhook outbox row commit together.
+		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+			var r jobRow
+			if err := tx.GetContext(ctx, &r, q+" RETURNING "+jobColumns, args...); err != nil {
+				if err = interpretError(err); errors.Is(err, schema.ErrNotFound) {
+					return jobMissingOrConflict(ctx, tx, u.ID)
+				}
+				return err
+			}
+			var err error
+			if job, err = r.job(); err != nil {
+				return err
+			}
+			return s.finalWebhook(ctx, tx, u, job)
 		})
 	} else {
 		job, err = s.sqliteReturning(ctx, q+" RETURNING "+jobColumns, args...)
@@ -311,6 +327,15 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 		return nil, fmt.Errorf("update job %s: %w", u.ID, err)
 	}
 	return job, nil
+}
+
+// finalWebhook writes the webhook outbox row of an update that gave the job
+// its final state, in the update's transaction.
+func (s *Store) finalWebhook(ctx context.Context, tx sqlx.ExtContext, u JobUpdate, job *schema.Job) error {
+	if !u.State.Terminal() || job.State != u.State {
+		return nil
+	}
+	return s.webhookEnqueue(ctx, tx, job)
 }
 
 // leasedStates are the states that hold a node and so carry a lease.
@@ -453,6 +478,9 @@ func (s *Store) rescueBatch(ctx context.Context, now time.Time, maxAttempts int)
 			}
 			j, err := getJob(ctx, tx, "id = ?", r.ID)
 			if err != nil {
+				return err
+			}
+			if err := s.webhookEnqueue(ctx, tx, j); err != nil {
 				return err
 			}
 			failed = append(failed, *j)

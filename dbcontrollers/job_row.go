@@ -11,7 +11,7 @@ import (
 // jobColumns lists the jobs table in the order jobArgs writes it.
 const jobColumns = "id, frontend, user_id, state, priority, workflow, metadata, inputs, node, prompt_id, " +
 	"attempts, lease_owner, lease_expires_at, progress, outputs, error, idempotency_key, charged, " +
-	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, template"
+	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, template, webhook_url"
 
 const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
 
@@ -42,6 +42,7 @@ type jobRow struct {
 	FinishedAt      nullTime       `db:"finished_at"`
 	UpdatedAt       dbTime         `db:"updated_at"`
 	Template        sql.NullString `db:"template"`
+	WebhookURL      sql.NullString `db:"webhook_url"`
 }
 
 // storedInput and storedOutput are the JSON forms kept in the jobs table.
@@ -143,7 +144,7 @@ func jobArgs(j *schema.Job) ([]any, error) {
 		inputs, strOrNil(j.Node), strOrNil(j.PromptID), j.Attempts, strOrNil(j.LeaseOwner),
 		ntval(j.LeaseExpiresAt), progress, outputs, jerr, strOrNil(j.IdempotencyKey), j.Charged,
 		j.CancelRequested, tval(j.CreatedAt), ntval(j.DispatchedAt), ntval(j.StartedAt),
-		ntval(j.FinishedAt), tval(j.UpdatedAt), strOrNil(j.Template),
+		ntval(j.FinishedAt), tval(j.UpdatedAt), strOrNil(j.Template), strOrNil(j.WebhookURL),
 	}, nil
 }
 
@@ -170,6 +171,7 @@ func (r *jobRow) job() (*schema.Job, error) {
 		FinishedAt:      r.FinishedAt.Ptr(),
 		UpdatedAt:       r.UpdatedAt.Time,
 		Template:        r.Template.String,
+		WebhookURL:      r.WebhookURL.String,
 	}
 	if r.Metadata.Valid && r.Metadata.String != "" {
 		j.Metadata = json.RawMessage(r.Metadata.String)

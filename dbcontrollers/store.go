@@ -27,6 +27,11 @@ type Store struct {
 	db *DB
 	// NowFunc is the clock (UTC is applied); time.Now when nil.
 	NowFunc func() time.Time
+	// WebhookURLFunc names the address a job that has just reached a final
+	// state is announced to ("" or a nil func: none). It is called inside
+	// the transaction writing that state, which also writes the webhook
+	// outbox row (see webhooks.go), so it must only look at j and memory.
+	WebhookURLFunc func(j *schema.Job) string
 }
 
 // NewStore returns the store of an open control database.

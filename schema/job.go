@@ -80,6 +80,10 @@ type Job struct {
 	// Position is computed, never stored: jobs that will start before this one
 	// (0 when it is next or already running).
 	Position int `json:"position"`
+
+	// WebhookURL is the job's own webhook address (submit field
+	// webhook_url), used instead of its frontend's webhook.url.
+	WebhookURL string `json:"webhook_url,omitempty"`
 }
 
 // JobInput is one image uploaded with a job: kept in storage under Key until

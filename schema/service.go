@@ -17,6 +17,7 @@ type SubmitParams struct {
 	// Template is the "name@version" the workflow was expanded from; empty
 	// for a raw workflow.
 	Template string
+	WebhookURL     string // checked against webhooks.allow by the server
 }
 
 // MaxMetadataBytes caps a job's metadata (contract: 16 KiB).

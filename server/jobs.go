@@ -43,6 +43,8 @@ type submitBody struct {
 	Prompt    json.RawMessage `json:"prompt"`
 	ClientID  string          `json:"client_id"`
 	ExtraData json.RawMessage `json:"extra_data"`
+	// WebhookURL overrides the frontend's webhook address for this job.
+	WebhookURL string `json:"webhook_url"`
 }
 
 // promptUser owns the jobs of a ComfyUI-shaped body that names no user.
@@ -167,6 +169,9 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 			return err
 		}
 	}
+	if err := s.checkWebhookURL(frontend, b.WebhookURL); err != nil {
+		return err
+	}
 	job, err := jobs.Submit(c.UserContext(), schema.SubmitParams{
 		Frontend:       frontend,
 		UserID:         b.UserID,
@@ -176,6 +181,7 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 		IdempotencyKey: key,
 		Inputs:         inputs,
 		Template:       ref,
+		WebhookURL:     b.WebhookURL,
 	})
 	if err != nil {
 		return err
@@ -240,6 +246,8 @@ func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.In
 			b.Template = v
 		case "client_id":
 			b.ClientID = v
+		case "webhook_url":
+			b.WebhookURL = v
 		case "priority":
 			p, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil {

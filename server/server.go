@@ -142,6 +142,7 @@ type Deps struct {
 	Metrics   *prometheus.Registry // HTTP metrics are registered here and served on /metrics
 	Samples   *Sampler             // the dashboard's charts; nil: empty charts
 	Templates TemplateStore        // workflow templates; nil: their routes answer 503
+	Webhooks  WebhookService       // job webhooks; nil: webhook_url refused, no deliveries listed
 }
 
 // Server is the HTTP application.
@@ -280,6 +281,7 @@ func (s *Server) routes() {
 	api.Post("/jobs", key, s.limitSubmit, s.jobSubmit)
 	api.Get("/jobs", key, s.jobList)
 	api.Get("/jobs/:id", key, s.jobGet)
+	api.Get("/jobs/:id/webhooks", key, s.jobWebhooks)
 	api.Delete("/jobs/:id", key, s.jobCancel)
 	api.Get("/queue", key, s.queueStatus)
 

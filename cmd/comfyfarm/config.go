@@ -22,6 +22,7 @@ import (
 
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/schema"
+	"github.com/comfyfarm/comfyfarm/webhook"
 )
 
 // defaultsYAML is the built-in configuration; every key has a default here.
@@ -50,6 +51,7 @@ type Config struct {
 	Events          EventsConfig              `yaml:"events"`
 	Dashboard       DashboardConfig           `yaml:"dashboard"`
 	Server          ServerConfig              `yaml:"server"`
+	Webhooks        WebhooksConfig            `yaml:"webhooks"`
 
 	// publicURLDerived: public_url was not set, so it follows listen (see
 	// derivePublicURL).
@@ -141,6 +143,31 @@ type FrontendConfig struct {
 	// RawWorkflows: the frontend's keys may submit raw workflows; when false,
 	// templates only. Unset means true.
 	RawWorkflows *bool `yaml:"raw_workflows"`
+	// Webhook announces the frontend's finished jobs.
+	Webhook WebhookConfig `yaml:"webhook"`
+}
+
+// WebhookConfig is one frontend's webhook: where its jobs' final states are
+// POSTed, the secret that signs them (Standard Webhooks; "whsec_<base64>"
+// or raw text of at least 16 bytes) and which final states are sent. A
+// frontend with a secret but no url sends only to the jobs' own webhook_url.
+type WebhookConfig struct {
+	URL    string   `yaml:"url"`
+	Secret string   `yaml:"secret"`
+	Events []string `yaml:"events"` // succeeded | failed | cancelled; empty: all
+}
+
+// WebhooksConfig tunes webhook delivery for every frontend.
+type WebhooksConfig struct {
+	// Allow lists the hosts a job's own webhook_url may name: host names,
+	// *.domain wildcards, IP addresses and networks. Empty: none.
+	Allow        []string        `yaml:"allow"`
+	Concurrency  int             `yaml:"concurrency"`   // requests in flight at once
+	PerFrontend  int             `yaml:"per_frontend"`  // of them, at most this many for one frontend
+	Timeout      time.Duration   `yaml:"timeout"`       // one request
+	MaxAge       time.Duration   `yaml:"max_age"`       // retries stop this long after the event
+	Backoff      []time.Duration `yaml:"backoff"`       // waits between tries; the last repeats
+	PollInterval time.Duration   `yaml:"poll_interval"` // how often the outbox is read
 }
 
 // RawWorkflowsAllowed is raw_workflows with its default (true).
@@ -621,6 +648,7 @@ func (c *Config) Validate() error {
 		if f.Credits.CostPerJob < 0 {
 			bad(key+".credits.cost_per_job", "must not be negative")
 		}
+		c.validateWebhook(key+".webhook", f.Webhook, bad)
 	}
 	if c.AdminKey != "" && len(c.AdminKey) < 16 {
 		bad("admin_key", "shorter than 16 characters (leave it empty to get a random one)")
@@ -684,6 +712,24 @@ func (c *Config) Validate() error {
 		if _, err := netip.ParsePrefix(a); err != nil {
 			bad(fmt.Sprintf("probe.allow[%d]", i), "want a network such as 10.0.0.0/8, not %q", a)
 		}
+	}
+	if _, err := webhook.ParseAllowList(c.Webhooks.Allow); err != nil {
+		bad("webhooks.allow", "%v", err)
+	}
+	if c.Webhooks.Concurrency < 1 || c.Webhooks.Concurrency > 1024 {
+		bad("webhooks.concurrency", "want 1 to 1024")
+	}
+	if c.Webhooks.PerFrontend < 1 || c.Webhooks.PerFrontend > c.Webhooks.Concurrency {
+		bad("webhooks.per_frontend", "want 1 to webhooks.concurrency (%d)", c.Webhooks.Concurrency)
+	}
+	positive("webhooks.timeout", c.Webhooks.Timeout)
+	positive("webhooks.max_age", c.Webhooks.MaxAge)
+	positive("webhooks.poll_interval", c.Webhooks.PollInterval)
+	if len(c.Webhooks.Backoff) == 0 {
+		bad("webhooks.backoff", "at least one wait is needed")
+	}
+	for i, b := range c.Webhooks.Backoff {
+		positive(fmt.Sprintf("webhooks.backoff[%d]", i), b)
 	}
 	positive("events.token_ttl", c.Events.TokenTTL)
 	positive("events.keepalive", c.Events.KeepAlive)
@@ -900,4 +946,27 @@ func setFromEnv(f reflect.Value, raw string) error {
 		return fmt.Errorf("cannot be set from the environment")
 	}
 	return nil
+}
+
+// validateWebhook checks one frontend's webhook keys.
+func (c *Config) validateWebhook(key string, w WebhookConfig, bad func(key, format string, args ...any)) {
+	if w.Secret == "" {
+		if w.URL != "" {
+			bad(key+".secret", "required when webhook.url is set")
+		}
+		return
+	}
+	if _, err := webhook.DecodeSecret(w.Secret); err != nil {
+		bad(key+".secret", "%v", err)
+	}
+	if w.URL != "" {
+		if _, err := webhook.ParseURL(w.URL); err != nil {
+			bad(key+".url", "want an absolute http or https URL, not %q", w.URL)
+		}
+	}
+	for i, ev := range w.Events {
+		if !slices.Contains(schema.WebhookEvents, schema.JobState(ev)) {
+			bad(fmt.Sprintf("%s.events[%d]", key, i), "want succeeded, failed or cancelled, not %q", ev)
+		}
+	}
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/comfyfarm/comfyfarm/comfy/dispatch"
-	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -13,7 +12,7 @@ import (
 // hub) and adds both to the workers run beside the HTTP server.
 func (a *app) openFarm(ctx context.Context) error {
 	cfg := a.cfg
-	store := dbcontrollers.NewStore(a.control)
+	store := a.controlStore
 	nodes := dispatch.NewNodes(store, dispatch.ProbeConfig{
 		Interval:     cfg.Scheduler.ProbeInterval,
 		Timeout:      cfg.Probe.Timeout,

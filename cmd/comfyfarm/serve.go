@@ -20,6 +20,7 @@ import (
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/server"
+	"github.com/comfyfarm/comfyfarm/webhook"
 )
 
 func init() {
@@ -73,9 +74,13 @@ type app struct {
 	store    oss.Store
 	local    *oss.Local // set when storage.kind is local
 	farm     *dispatch.Farm
-	jobs     server.JobService
-	nodes    server.NodeService
-	server   *server.Server
+	// controlStore is the control database's store, shared by the farm and
+	// the webhook deliverer.
+	controlStore   *dbcontrollers.Store
+	webhookTargets *webhook.Targets
+	jobs           server.JobService
+	nodes          server.NodeService
+	server         *server.Server
 
 	// workers run beside the HTTP server until their context ends (see run).
 	workers []func(ctx context.Context) error
@@ -107,6 +112,10 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		return nil, fmt.Errorf("control database: %w", err)
 	}
 	a.closers = append(a.closers, a.control.Close)
+	a.controlStore = dbcontrollers.NewStore(a.control)
+	if err := a.openWebhooks(); err != nil {
+		return nil, err
+	}
 	if a.registry, err = dbcontrollers.NewRegistry(ctx, dbcfg, cfg.frontendConfigs()); err != nil {
 		return nil, fmt.Errorf("frontends: %w", err)
 	}
@@ -138,6 +147,7 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		Nodes:     a.nodes,
 		Metrics:   a.metrics,
 		Templates: dbcontrollers.NewStore(a.control),
+		Webhooks:  webhookService{targets: a.webhookTargets, store: a.controlStore},
 	}
 	if a.local != nil {
 		deps.Files = a.local
@@ -174,6 +184,9 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		PublicURL:        cfg.explicitPublicURL(),
 	}, deps)
 	if err != nil {
+		return nil, err
+	}
+	if err := a.startWebhooks(); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -239,8 +252,11 @@ func (a *app) openStorage() error {
 //  1. the HTTP server stops accepting connections, ends every event stream and
 //     gives in-flight requests shutdown_timeout to finish, so no new job
 //     enters while the farm stops;
-//  2. the workers (the dispatch farm) are cancelled and waited for; a job on a
-//     node keeps its lease and is reconciled on the next start;
+//  2. the workers (the dispatch farm, the webhook deliverer) are cancelled and
+//     waited for; a job on a node keeps its lease and is reconciled on the
+//     next start; a webhook request in flight is abandoned and recorded as
+//     interrupted, due again at once (for this process's next start or
+//     another process);
 //  3. close (deferred by the caller) releases storage and the databases, in
 //     reverse order of opening.
 func (a *app) run(ctx context.Context, ln net.Listener) error {

@@ -89,6 +89,7 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		ID: id, Frontend: p.Frontend, UserID: p.UserID, State: schema.JobQueued, Priority: p.Priority,
 		Workflow: p.Workflow, Template: p.Template, Metadata: meta, IdempotencyKey: p.IdempotencyKey,
 		CreatedAt: now, UpdatedAt: now,
+		WebhookURL: p.WebhookURL,
 	}
 	if err := f.storeInputs(ctx, job, g, p.Inputs); err != nil {
 		return nil, err

@@ -18,7 +18,7 @@ build:
 
 ## test: every test, with the race detector (MySQL cases run when MariaDB answers)
 test:
-	$(GO) test -race -count=1 $(PKGS)
+	$(GO) test -race -count=1 -timeout 30m $(PKGS)
 
 ## test-short: the tests without the race detector, faster
 test-short:

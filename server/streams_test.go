@@ -116,8 +116,15 @@ func gauge(t *testing.T, b *bundle, kind string) float64 {
 // clients hang up, the open-stream count, the gauge and the subscriptions
 // return to 0, and the heap to near its base.
 func TestStreamFlood(t *testing.T) {
+	// 5,000 tries against the default cap of 2,000; under the race detector
+	// (many times slower per stream) the same ratio at a quarter of the size.
+	perKey, attempts := defaultMaxStreamsPerKey, 5000
+	if raceEnabled {
+		perKey, attempts = defaultMaxStreamsPerKey/4, 5000/4
+	}
 	b := setup(t, dbtest.SQLite(t), func(c *Config, _ *Deps) {
 		c.KeepAlive = 200 * time.Millisecond // notices hung-up clients soon
+		c.MaxStreamsPerKey = perKey
 	})
 	live := idleFeeds(b)
 	job := b.jobs.add("style", "u1", schema.JobQueued)
@@ -125,7 +132,7 @@ func TestStreamFlood(t *testing.T) {
 	path := "/api/v1/jobs/" + job.ID + "/events"
 	baseHeap, baseRSS := memory(t)
 
-	const attempts, workers = 5000, 8
+	const workers = 8
 	var (
 		mu      sync.Mutex
 		open    []net.Conn
@@ -142,7 +149,7 @@ func TestStreamFlood(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for next.Add(1) <= attempts {
+			for next.Add(1) <= int64(attempts) {
 				conn, status, code, err := rawStream(b, path, styleKey)
 				mu.Lock()
 				switch {
@@ -158,11 +165,11 @@ func TestStreamFlood(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	if len(open) != defaultMaxStreamsPerKey || refused["429 rate_limited"] != attempts-defaultMaxStreamsPerKey || len(refused) != 1 {
+	if len(open) != perKey || refused["429 rate_limited"] != attempts-perKey || len(refused) != 1 {
 		t.Fatalf("%d streams open, refused %v; want %d open and %d × 429 rate_limited",
-			len(open), refused, defaultMaxStreamsPerKey, attempts-defaultMaxStreamsPerKey)
+			len(open), refused, perKey, attempts-perKey)
 	}
-	if n := b.srv.streams.count(); n != defaultMaxStreamsPerKey {
+	if n := b.srv.streams.count(); n != perKey {
 		t.Fatalf("open-stream count %d", n)
 	}
 	// Another key is unaffected: SSE and WebSocket.
@@ -182,7 +189,7 @@ func TestStreamFlood(t *testing.T) {
 	}
 	expectClose(t, sws, websocket.ClosePolicyViolation)
 	peakHeap, peakRSS := memory(t)
-	if g := gauge(t, b, "sse"); g != defaultMaxStreamsPerKey+1 {
+	if g := gauge(t, b, "sse"); g != float64(perKey+1) {
 		t.Errorf("comfyfarm_event_streams{kind=sse} = %v", g)
 	}
 	if g := gauge(t, b, "websocket"); g != 1 {
@@ -201,7 +208,7 @@ func TestStreamFlood(t *testing.T) {
 	}
 	heap, rss := memory(t)
 	t.Logf("heap in use: base %.1f MiB, %d streams %.1f MiB, after close %.1f MiB",
-		mib(baseHeap), defaultMaxStreamsPerKey+2, mib(peakHeap), mib(heap))
+		mib(baseHeap), perKey+2, mib(peakHeap), mib(heap))
 	t.Logf("RSS: base %.1f MiB, with streams %.1f MiB, after close %.1f MiB", mib(baseRSS), mib(peakRSS), mib(rss))
 	if grown := int64(heap) - int64(baseHeap); grown > int64(peakHeap-baseHeap)/4 {
 		t.Errorf("heap after close %.1f MiB, base %.1f MiB, with streams %.1f MiB: not back near the base",

@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/comfyfarm/comfyfarm/schema"
 )
@@ -13,7 +14,8 @@ const jobColumns = "id, frontend, user_id, state, priority, workflow, metadata, 
 	"attempts, lease_owner, lease_expires_at, progress, outputs, error, idempotency_key, charged, " +
 	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, template, webhook_url"
 
-const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+// jobPlaceholders has one "?" per column of jobColumns.
+var jobPlaceholders = strings.TrimSuffix(strings.Repeat("?, ", strings.Count(jobColumns, ",")+1), ", ")
 
 // jobRow is one row of jobs as stored.
 type jobRow struct {

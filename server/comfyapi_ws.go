@@ -1,0 +1,402 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gofiber/contrib/websocket"
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/comfyfarm/comfyfarm/schema"
+)
+
+// A ComfyUI client opens GET /ws?clientId=C, then posts prompts with
+// client_id C and reads, for each, ComfyUI's own messages until
+// executing{node: null}. A comfySession is one such socket: it follows the
+// farm's events of every job posted with its client id (those posted while
+// it is open, and the unfinished ones it finds when it opens) and writes
+// them as ComfyUI would:
+//
+//	farm event           ComfyUI messages
+//	running              execution_start, execution_cached{nodes: []}
+//	progress             [executing{node}] progress{value, max, prompt_id, node}
+//	executed             [executing{node}]
+//	succeeded            executed{node, output} per output node, execution_success,
+//	                     status, executing{node: null}
+//	failed               execution_error, status, executing{node: null}
+//	cancelled            execution_interrupted, status, executing{node: null}
+//
+// "executed" waits for the outputs to be stored, so its file references
+// point at /view of this API.
+
+// Bounds of a ComfyUI WebSocket session.
+const (
+	comfySessionBuffer = 256  // frames queued for the writer
+	maxSessionJobs     = 1000 // jobs one socket follows at once
+)
+
+// comfySession is one open /ws socket.
+type comfySession struct {
+	a        *comfyAPI
+	who      comfyWho
+	clientID string
+	key      sessionKey
+	ctx      context.Context
+	out      chan []byte
+
+	mu        sync.Mutex
+	following map[string]bool
+	wg        sync.WaitGroup
+}
+
+// ws serves GET /ws?clientId=: checks, then the upgrade.
+func (a *comfyAPI) ws(c *fiber.Ctx) error {
+	if _, err := a.s.jobService(); err != nil {
+		return err
+	}
+	if !websocket.IsWebSocketUpgrade(c) {
+		return newAPIError(http.StatusUpgradeRequired, "upgrade_required", "ask for a WebSocket upgrade")
+	}
+	clientID := c.Query("clientId")
+	if clientID == "" {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		clientID = hex.EncodeToString(b[:])
+	}
+	if err := schema.CheckIdent("clientId", clientID, maxClientIDBytes); err != nil {
+		return err
+	}
+	who := comfyWhoOf(c)
+	req := streamReq{key: who.key}
+	if who.token != "" {
+		// Streams on a token count per user, as an events token's per job.
+		req = streamReq{token: true, jobID: "comfy\x00" + who.frontend + "\x00" + who.user}
+	}
+	if r := a.s.takeStream(req); r != streamAllowed {
+		return a.s.streamError(r)
+	}
+	c.Locals(localStream, req)
+	c.Locals(localComfyClient, clientID)
+	return a.upgrade(c)
+}
+
+const localComfyClient = "comfyfarm.comfy_client"
+
+func (a *comfyAPI) newUpgrader() fiber.Handler {
+	return websocket.New(a.serveWS, websocket.Config{
+		HandshakeTimeout: 10 * time.Second,
+		RecoverHandler: func(conn *websocket.Conn) {
+			if r := recover(); r != nil {
+				a.s.log.Error("comfy websocket handler panicked", "panic", r)
+			}
+		},
+	})
+}
+
+// serveWS runs one session: a reader that notices the client leaving and
+// answers the feature_flags handshake, job followers that turn events into
+// frames, and this writer.
+func (a *comfyAPI) serveWS(conn *websocket.Conn) {
+	req, _ := conn.Locals(localStream).(streamReq)
+	defer a.s.streams.give(req)
+	who, _ := conn.Locals(localComfyWho).(comfyWho)
+	clientID, _ := conn.Locals(localComfyClient).(string)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a.s.metrics.streams.WithLabelValues("comfy").Inc()
+	defer a.s.metrics.streams.WithLabelValues("comfy").Dec()
+
+	sess := &comfySession{
+		a: a, who: who, clientID: clientID, key: sessionKey{who.frontend, who.user, clientID},
+		ctx: ctx, out: make(chan []byte, comfySessionBuffer), following: map[string]bool{},
+	}
+	conn.SetReadLimit(wsReadLimit)
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		defer cancel()
+		first := true
+		for {
+			_, msg, err := conn.ReadMessage()
+			if err != nil {
+				return
+			}
+			if first {
+				first = false
+				var m struct {
+					Type string `json:"type"`
+				}
+				if json.Unmarshal(msg, &m) == nil && m.Type == "feature_flags" {
+					sess.send("feature_flags", map[string]any{
+						"supports_preview_metadata": false, "max_upload_size": a.s.cfg.MaxUploadBytes,
+					})
+				}
+			}
+		}
+	}()
+	closeCode := websocket.CloseNormalClosure
+	defer func() {
+		msg := websocket.FormatCloseMessage(closeCode, "")
+		_ = conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+		_ = conn.SetReadDeadline(time.Now().Add(wsCloseWait))
+		<-readerDone
+	}()
+
+	// First frame: status with the sid, as ComfyUI sends it.
+	sess.send("status", map[string]any{
+		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": a.queueRemaining(ctx, who)}},
+		"sid":    clientID,
+	})
+	a.register(sess)
+	defer func() {
+		a.unregister(sess)
+		cancel()
+		sess.wg.Wait()
+	}()
+	sess.resume()
+
+	ping := time.NewTicker(a.s.cfg.KeepAlive)
+	defer ping.Stop()
+	for {
+		select {
+		case frame := <-sess.out:
+			_ = conn.SetWriteDeadline(time.Now().Add(a.s.cfg.StreamWriteTimeout))
+			if conn.WriteMessage(websocket.TextMessage, frame) != nil {
+				return
+			}
+		case <-ping.C:
+			if conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(a.s.cfg.StreamWriteTimeout)) != nil {
+				return
+			}
+		case <-ctx.Done():
+			return
+		case <-a.s.done:
+			closeCode = websocket.CloseGoingAway
+			return
+		}
+	}
+}
+
+func (a *comfyAPI) register(sess *comfySession) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.sessions[sess.key] == nil {
+		a.sessions[sess.key] = map[*comfySession]bool{}
+	}
+	a.sessions[sess.key][sess] = true
+}
+
+func (a *comfyAPI) unregister(sess *comfySession) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.sessions[sess.key], sess)
+	if len(a.sessions[sess.key]) == 0 {
+		delete(a.sessions, sess.key)
+	}
+}
+
+// notify tells the sessions of a client id about a prompt posted for it.
+func (a *comfyAPI) notify(k sessionKey, jobID, pid string) {
+	a.mu.Lock()
+	var list []*comfySession
+	for sess := range a.sessions[k] {
+		list = append(list, sess)
+	}
+	a.mu.Unlock()
+	for _, sess := range list {
+		sess.follow(jobID, pid)
+	}
+}
+
+// resume follows the user's unfinished jobs posted with this client id
+// before the socket opened (a reconnect, or a prompt posted first).
+func (sess *comfySession) resume() {
+	list, err := sess.a.userJobs(sess.ctx, sess.who)
+	if err != nil {
+		sess.a.s.log.Warn("comfy session resume", "err", err)
+		return
+	}
+	for i := len(list) - 1; i >= 0; i-- {
+		j := &list[i]
+		if !j.State.Terminal() && metaOf(j).Comfy.ClientID == sess.clientID {
+			sess.follow(j.ID, promptIDOf(j))
+		}
+	}
+}
+
+// send queues one {"type","data"} frame; it waits while the writer is
+// behind, until the session ends.
+func (sess *comfySession) send(typ string, data any) {
+	frame, err := json.Marshal(map[string]any{"type": typ, "data": data})
+	if err != nil {
+		sess.a.s.log.Error("encode comfy message", "type", typ, "err", err)
+		return
+	}
+	select {
+	case sess.out <- frame:
+	case <-sess.ctx.Done():
+	}
+}
+
+// follow starts relaying a job's events, once per job.
+func (sess *comfySession) follow(jobID, pid string) {
+	sess.mu.Lock()
+	if sess.following[jobID] || len(sess.following) >= maxSessionJobs || sess.ctx.Err() != nil {
+		sess.mu.Unlock()
+		return
+	}
+	sess.following[jobID] = true
+	sess.wg.Add(1)
+	sess.mu.Unlock()
+	go func() {
+		defer sess.wg.Done()
+		defer func() {
+			sess.mu.Lock()
+			delete(sess.following, jobID)
+			sess.mu.Unlock()
+		}()
+		sess.relay(jobID, pid)
+	}()
+}
+
+// relay turns one job's events into ComfyUI messages until the job ends.
+func (sess *comfySession) relay(jobID, pid string) {
+	jobs, err := sess.a.s.jobService()
+	if err != nil {
+		return
+	}
+	ch, unsubscribe, err := jobs.Subscribe(sess.ctx, jobID, 0, false)
+	if err != nil {
+		sess.a.s.log.Warn("comfy session subscribe", "job_id", jobID, "err", err)
+		return
+	}
+	defer unsubscribe()
+	r := relayState{sess: sess, jobID: jobID, pid: pid}
+	sess.sendStatus()
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				return
+			}
+			if r.handle(ev) {
+				return
+			}
+		case <-sess.ctx.Done():
+			return
+		}
+	}
+}
+
+func (sess *comfySession) sendStatus() {
+	sess.send("status", map[string]any{
+		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": sess.a.queueRemaining(sess.ctx, sess.who)}},
+	})
+}
+
+// relayState is what one job's relay has told the client so far.
+type relayState struct {
+	sess    *comfySession
+	jobID   string
+	pid     string
+	started bool
+	node    string // the node last announced by executing
+}
+
+func nowMillis() int64 { return time.Now().UnixMilli() }
+
+func (r *relayState) start() {
+	if r.started {
+		return
+	}
+	r.started = true
+	ts := nowMillis()
+	r.sess.send("execution_start", map[string]any{"prompt_id": r.pid, "timestamp": ts})
+	r.sess.send("execution_cached", map[string]any{"nodes": []string{}, "prompt_id": r.pid, "timestamp": ts})
+}
+
+func (r *relayState) executing(node string) {
+	if node == "" || node == r.node {
+		return
+	}
+	r.node = node
+	r.sess.send("executing", map[string]any{"node": node, "display_node": node, "prompt_id": r.pid})
+}
+
+// handle relays one event; true once the job has ended.
+func (r *relayState) handle(ev schema.Event) bool {
+	switch ev.Type {
+	case schema.EventSnapshot:
+		if ev.Job == nil {
+			return false
+		}
+		switch {
+		case ev.Job.State.Terminal():
+			return r.end(ev.Job.State)
+		case ev.Job.State == schema.JobRunning || ev.Job.State == schema.JobStoring:
+			r.start()
+			if ev.Job.Progress != nil {
+				r.executing(ev.Job.Progress.NodeID)
+			}
+		}
+	case schema.EventRunning:
+		r.start()
+	case schema.EventProgress:
+		r.start()
+		r.executing(ev.NodeID)
+		var value, max float64
+		if ev.Value != nil {
+			value = *ev.Value
+		}
+		if ev.Max != nil {
+			max = *ev.Max
+		}
+		r.sess.send("progress", map[string]any{"value": value, "max": max, "prompt_id": r.pid, "node": ev.NodeID})
+	case schema.EventExecuted:
+		r.start()
+		r.executing(ev.NodeID)
+	case schema.EventSucceeded, schema.EventFailed, schema.EventCancelled:
+		return r.end(schema.JobState(ev.Type))
+	}
+	return false
+}
+
+// end sends a finished job's closing messages. They are built from the job
+// as stored, so that the outputs carry the names /view knows them by.
+func (r *relayState) end(state schema.JobState) bool {
+	sess := r.sess
+	jobs, err := sess.a.s.jobService()
+	if err != nil {
+		return true
+	}
+	j, err := jobs.Job(sess.ctx, sess.who.frontend, r.jobID)
+	if err != nil {
+		sess.a.s.log.Warn("comfy session: read finished job", "job_id", r.jobID, "err", err)
+		j = &schema.Job{ID: r.jobID, State: state}
+	}
+	r.start()
+	ts := nowMillis()
+	switch j.State {
+	case schema.JobSucceeded:
+		outputs, order := nodeOutputs(j)
+		for _, node := range order {
+			r.executing(node)
+			sess.send("executed", map[string]any{
+				"node": node, "display_node": node, "output": outputs[node], "prompt_id": r.pid,
+			})
+		}
+		sess.send("execution_success", map[string]any{"prompt_id": r.pid, "timestamp": ts})
+	case schema.JobCancelled:
+		sess.send("execution_interrupted", interruptedData(j, r.pid, ts))
+	default:
+		sess.send("execution_error", errorData(j, r.pid, ts))
+	}
+	sess.sendStatus()
+	sess.send("executing", map[string]any{"node": nil, "display_node": nil, "prompt_id": r.pid})
+	return true
+}

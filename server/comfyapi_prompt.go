@@ -50,9 +50,11 @@ func comfyInvalidPrompt(message, details string) comfyErrorBody {
 // class_type — plus the form of client_id and prompt_id; the graph itself is
 // the farm's to validate. A refusal comes in ComfyUI's 400 shape.
 func decodeComfyPrompt(body []byte) (*comfyPrompt, *comfyErrorBody) {
-	var p comfyPrompt
+	// Keys are matched exactly, as Python reads them: encoding/json would
+	// also take "Prompt" or "CLASS_TYPE".
+	var top map[string]json.RawMessage
 	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(&p); err != nil {
+	if err := dec.Decode(&top); err != nil {
 		b := comfyInvalidPrompt("Invalid JSON body", err.Error())
 		return nil, &b
 	}
@@ -60,27 +62,37 @@ func decodeComfyPrompt(body []byte) (*comfyPrompt, *comfyErrorBody) {
 		b := comfyInvalidPrompt("Invalid JSON body", "data after the JSON object")
 		return nil, &b
 	}
+	p := comfyPrompt{Prompt: top["prompt"]}
 	if len(p.Prompt) == 0 || string(p.Prompt) == "null" {
 		b := comfyInvalidPrompt("No prompt provided", "No prompt provided")
 		b.Error.Type = "no_prompt"
 		return nil, &b
 	}
+	for _, f := range []struct {
+		name string
+		dst  *string
+		max  int
+	}{{"client_id", &p.ClientID, maxClientIDBytes}, {"prompt_id", &p.PromptID, maxPromptIDBytes}} {
+		raw, ok := top[f.name]
+		if !ok || string(raw) == "null" {
+			continue
+		}
+		if json.Unmarshal(raw, f.dst) != nil {
+			b := comfyInvalidPrompt("Invalid "+f.name, f.name+" must be a string")
+			return nil, &b
+		}
+		if *f.dst == "" {
+			continue
+		}
+		if err := schema.CheckIdent(f.name, *f.dst, f.max); err != nil {
+			b := comfyInvalidPrompt("Invalid "+f.name, err.Error())
+			return nil, &b
+		}
+	}
 	var nodes map[string]json.RawMessage
 	if !jsonObject(p.Prompt) || json.Unmarshal(p.Prompt, &nodes) != nil {
 		b := comfyInvalidPrompt("Prompt is not an API-format graph", "prompt must be an object of node id -> {class_type, inputs}")
 		return nil, &b
-	}
-	if p.ClientID != "" {
-		if err := schema.CheckIdent("client_id", p.ClientID, maxClientIDBytes); err != nil {
-			b := comfyInvalidPrompt("Invalid client_id", err.Error())
-			return nil, &b
-		}
-	}
-	if p.PromptID != "" {
-		if err := schema.CheckIdent("prompt_id", p.PromptID, maxPromptIDBytes); err != nil {
-			b := comfyInvalidPrompt("Invalid prompt_id", err.Error())
-			return nil, &b
-		}
 	}
 	ids := make([]string, 0, len(nodes))
 	for id := range nodes {
@@ -89,14 +101,14 @@ func decodeComfyPrompt(body []byte) (*comfyPrompt, *comfyErrorBody) {
 	sort.Strings(ids)
 	p.classes = make(map[string]string, len(nodes))
 	for _, id := range ids {
-		var n struct {
-			ClassType *string `json:"class_type"`
-		}
-		if !jsonObject(nodes[id]) || json.Unmarshal(nodes[id], &n) != nil || n.ClassType == nil || *n.ClassType == "" {
+		var n map[string]json.RawMessage
+		var class string
+		if !jsonObject(nodes[id]) || json.Unmarshal(nodes[id], &n) != nil ||
+			json.Unmarshal(n["class_type"], &class) != nil || class == "" {
 			b := comfyInvalidPrompt("Cannot execute because a node is missing the class_type property.", "Node ID '#"+id+"'")
 			return nil, &b
 		}
-		p.classes[id] = *n.ClassType
+		p.classes[id] = class
 	}
 	return &p, nil
 }

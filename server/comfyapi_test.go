@@ -110,7 +110,7 @@ func TestComfyPromptUsers(t *testing.T) {
 	tok, r := b.mintComfy(styleKey, `{"user_id":"u-9"}`)
 	expect(t, r, 201)
 	r = b.do(req{method: "POST", path: "/comfy/u/" + tok + "/prompt",
-		body: `{"prompt":` + graph + `,"client_id":"c-2","prompt_id":"5f0c2b9e-6a47-4a3e-9a9e-1c1f2d3e4f50"}`,
+		body:   `{"prompt":` + graph + `,"client_id":"c-2","prompt_id":"5f0c2b9e-6a47-4a3e-9a9e-1c1f2d3e4f50"}`,
 		header: map[string]string{"Content-Type": "application/x-www-form-urlencoded"}})
 	expect(t, r, 200)
 	b.decode(r, &ans)

@@ -242,7 +242,7 @@ func (b *bundle) finishedJob(frontend, user string, names ...string) *schema.Job
 	b.jobs.mu.Lock()
 	defer b.jobs.mu.Unlock()
 	stored := b.jobs.jobs[j.ID]
-	stored.StartedAt, stored.FinishedAt = &now, &now
+	stored.CreatedAt, stored.StartedAt, stored.FinishedAt = now, &now, &now
 	stored.Workflow = json.RawMessage(`{"9":{"class_type":"SaveImage","inputs":{}}}`)
 	for i, n := range names {
 		key := fmt.Sprintf("%s/%s/%d.png", frontend, j.ID, i)
@@ -494,4 +494,62 @@ func TestComfyWebSocketMessages(t *testing.T) {
 	q := url.Values{"filename": {ref.Filename}, "subfolder": {ref.Subfolder}, "type": {ref.Type}}
 	r = b.do(req{method: "GET", path: "/comfy/view?" + q.Encode(), key: styleKey})
 	expect(t, r, 200)
+}
+
+// A prompt posted through another comfyfarm process (so this one is never
+// told) reaches the client's socket too: the session finds it among the
+// user's jobs, here only once it has already finished. A job of another
+// client id, or one that ended before the socket opened, is not relayed.
+func TestComfyWebSocketFindsPromptsPostedElsewhere(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t))
+	tok, r := b.mintComfy(styleKey, `{"user_id":"u-5"}`)
+	expect(t, r, 201)
+	addJob := func(client, pid string) *schema.Job {
+		j := b.finishedJob("style", "u-5", "ComfyUI_00001_.png")
+		b.jobs.mu.Lock()
+		b.jobs.jobs[j.ID].Metadata = json.RawMessage(fmt.Sprintf(`{"comfy":{"client_id":%q,"prompt_id":%q}}`, client, pid))
+		b.jobs.mu.Unlock()
+		return j
+	}
+	addJob("cid-7", "before") // ended before the socket opened
+	b.clock.Advance(time.Minute)
+	wsURL := strings.Replace(b.base, "http://", "ws://", 1) + "/comfy/u/" + tok + "/ws?clientId=cid-7"
+	conn, _, err := websocket.DefaultDialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	b.clock.Advance(time.Second)
+	addJob("cid-other", "other")
+	addJob("cid-7", "elsewhere")
+	var got []string
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		var m struct {
+			Type string         `json:"type"`
+			Data map[string]any `json:"data"`
+		}
+		if err := conn.ReadJSON(&m); err != nil {
+			t.Fatalf("after %v: %v", got, err)
+		}
+		if pid, ok := m.Data["prompt_id"].(string); ok && pid != "elsewhere" {
+			t.Fatalf("relayed prompt %q: %+v", pid, m)
+		}
+		got = append(got, m.Type)
+		if m.Type == "executing" && m.Data["node"] == nil {
+			break
+		}
+	}
+	if !contains(got, "executed") || !contains(got, "execution_success") || got[0] != "status" {
+		t.Fatalf("messages %v", got)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
 }

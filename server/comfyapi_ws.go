@@ -38,6 +38,9 @@ import (
 const (
 	comfySessionBuffer = 256  // frames queued for the writer
 	maxSessionJobs     = 1000 // jobs one socket follows at once
+	comfyRescanEvery   = 2 * time.Second
+	comfyRescanLimit   = 20 // newest jobs of the user a rescan reads
+	comfyClockSkew     = 5 * time.Second
 )
 
 // comfySession is one open /ws socket.
@@ -49,8 +52,11 @@ type comfySession struct {
 	ctx      context.Context
 	out      chan []byte
 
+	opened time.Time // jobs created since are this session's to relay
+
 	mu        sync.Mutex
-	following map[string]bool
+	following map[string]bool // jobs relayed now
+	seen      map[string]bool // jobs relayed now or before, while scans still see them
 	wg        sync.WaitGroup
 }
 
@@ -71,16 +77,6 @@ func (a *comfyAPI) ws(c *fiber.Ctx) error {
 	if err := schema.CheckIdent("clientId", clientID, maxClientIDBytes); err != nil {
 		return err
 	}
-	who := comfyWhoOf(c)
-	req := streamReq{key: who.key}
-	if who.token != "" {
-		// Streams on a token count per user, as an events token's per job.
-		req = streamReq{token: true, jobID: "comfy\x00" + who.frontend + "\x00" + who.user}
-	}
-	if r := a.s.takeStream(req); r != streamAllowed {
-		return a.s.streamError(r)
-	}
-	c.Locals(localStream, req)
 	c.Locals(localComfyClient, clientID)
 	return a.upgrade(c)
 }
@@ -102,18 +98,17 @@ func (a *comfyAPI) newUpgrader() fiber.Handler {
 // answers the feature_flags handshake, job followers that turn events into
 // frames, and this writer.
 func (a *comfyAPI) serveWS(conn *websocket.Conn) {
-	req, _ := conn.Locals(localStream).(streamReq)
-	defer a.s.streams.give(req)
 	who, _ := conn.Locals(localComfyWho).(comfyWho)
 	clientID, _ := conn.Locals(localComfyClient).(string)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	a.s.metrics.streams.WithLabelValues("comfy").Inc()
-	defer a.s.metrics.streams.WithLabelValues("comfy").Dec()
 
 	sess := &comfySession{
 		a: a, who: who, clientID: clientID, key: sessionKey{who.frontend, who.user, clientID},
-		ctx: ctx, out: make(chan []byte, comfySessionBuffer), following: map[string]bool{},
+		ctx: ctx, out: make(chan []byte, comfySessionBuffer), following: map[string]bool{}, seen: map[string]bool{},
+		// A little early: a job's creation time comes from another clock
+		// when another process took the prompt.
+		opened: a.s.cfg.NowFunc().Add(-comfyClockSkew),
 	}
 	conn.SetReadLimit(wsReadLimit)
 	readerDone := make(chan struct{})
@@ -147,6 +142,25 @@ func (a *comfyAPI) serveWS(conn *websocket.Conn) {
 		<-readerDone
 	}()
 
+	// The socket counts as an event stream: against its key, or, opened
+	// with a token, per user as an events token's streams count per job.
+	req := streamReq{key: who.key}
+	if who.token != "" {
+		req = streamReq{token: true, jobID: "comfy\x00" + who.frontend + "\x00" + who.user}
+	}
+	switch a.s.takeStream(req) {
+	case streamAllowed:
+		defer a.s.streams.give(req)
+	case streamRefusedTotal:
+		closeCode = websocket.CloseTryAgainLater
+		return
+	default:
+		closeCode = websocket.ClosePolicyViolation
+		return
+	}
+	a.s.metrics.streams.WithLabelValues("comfy").Inc()
+	defer a.s.metrics.streams.WithLabelValues("comfy").Dec()
+
 	// First frame: status with the sid, as ComfyUI sends it.
 	sess.send("status", map[string]any{
 		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": a.queueRemaining(ctx, who)}},
@@ -158,7 +172,21 @@ func (a *comfyAPI) serveWS(conn *websocket.Conn) {
 		cancel()
 		sess.wg.Wait()
 	}()
-	sess.resume()
+	sess.scan(false)
+	sess.wg.Add(1)
+	go func() {
+		defer sess.wg.Done()
+		t := time.NewTicker(comfyRescanEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				sess.scan(true)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 
 	ping := time.NewTicker(a.s.cfg.KeepAlive)
 	defer ping.Stop()
@@ -213,19 +241,47 @@ func (a *comfyAPI) notify(k sessionKey, jobID, pid string) {
 	}
 }
 
-// resume follows the user's unfinished jobs posted with this client id
-// before the socket opened (a reconnect, or a prompt posted first).
-func (sess *comfySession) resume() {
-	list, err := sess.a.userJobs(sess.ctx, sess.who)
+// scan follows the user's recent jobs posted with this client id that it
+// has not relayed yet: when the socket opens, the unfinished ones (a
+// reconnect, or a prompt posted first); later (again), also those created
+// since it opened, finished or not — prompts posted through another
+// comfyfarm process, which cannot tell this one.
+func (sess *comfySession) scan(again bool) {
+	limit := comfyListLimit
+	if again {
+		limit = comfyRescanLimit
+	}
+	jobs, err := sess.a.s.jobService()
 	if err != nil {
-		sess.a.s.log.Warn("comfy session resume", "err", err)
 		return
 	}
+	list, err := jobs.Jobs(sess.ctx, schema.JobFilter{Frontend: sess.who.frontend, UserID: sess.who.user, Limit: limit})
+	if err != nil {
+		if sess.ctx.Err() == nil {
+			sess.a.s.log.Warn("comfy session scan", "err", err)
+		}
+		return
+	}
+	window := make(map[string]bool, len(list))
 	for i := len(list) - 1; i >= 0; i-- {
 		j := &list[i]
-		if !j.State.Terminal() && metaOf(j).Comfy.ClientID == sess.clientID {
+		window[j.ID] = true
+		if metaOf(j).Comfy.ClientID != sess.clientID {
+			continue
+		}
+		if !j.State.Terminal() || again && !j.CreatedAt.Before(sess.opened) {
 			sess.follow(j.ID, promptIDOf(j))
 		}
+	}
+	if again {
+		// A job out of the window is never looked at again: forget it.
+		sess.mu.Lock()
+		for id := range sess.seen {
+			if !window[id] && !sess.following[id] {
+				delete(sess.seen, id)
+			}
+		}
+		sess.mu.Unlock()
 	}
 }
 
@@ -246,10 +302,11 @@ func (sess *comfySession) send(typ string, data any) {
 // follow starts relaying a job's events, once per job.
 func (sess *comfySession) follow(jobID, pid string) {
 	sess.mu.Lock()
-	if sess.following[jobID] || len(sess.following) >= maxSessionJobs || sess.ctx.Err() != nil {
+	if sess.seen[jobID] || len(sess.following) >= maxSessionJobs || sess.ctx.Err() != nil {
 		sess.mu.Unlock()
 		return
 	}
+	sess.seen[jobID] = true
 	sess.following[jobID] = true
 	sess.wg.Add(1)
 	sess.mu.Unlock()

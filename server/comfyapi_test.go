@@ -553,3 +553,30 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// POST /interrupt cancels the caller's running job, not a pending one nor
+// another user's; with a prompt_id, only that one.
+func TestComfyInterrupt(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t))
+	tok, r := b.mintComfy(styleKey, `{"user_id":"u-3"}`)
+	expect(t, r, 201)
+	run1 := b.jobs.add("style", "u-3", schema.JobRunning)
+	pending := b.jobs.add("style", "u-3", schema.JobDispatched)
+	others := b.jobs.add("style", "comfy", schema.JobRunning)
+	run2 := b.jobs.add("style", "u-3", schema.JobRunning)
+	state := func(id string) schema.JobState {
+		j, err := b.jobs.get("style", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return j.State
+	}
+	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/interrupt", body: `{"prompt_id":"` + run2.ID + `"}`}), 200)
+	if state(run2.ID) != schema.JobCancelled || state(run1.ID) != schema.JobRunning {
+		t.Fatalf("targeted interrupt: %s %s", state(run1.ID), state(run2.ID))
+	}
+	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/interrupt"}), 200)
+	if state(run1.ID) != schema.JobCancelled || state(pending.ID) != schema.JobDispatched || state(others.ID) != schema.JobRunning {
+		t.Fatalf("interrupt: %s %s %s", state(run1.ID), state(pending.ID), state(others.ID))
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -273,7 +274,7 @@ func TestComfyAPIExampleClientFlow(t *testing.T) {
 			}
 			nodes[p.Node] = true
 			for _, want := range []string{"status", "execution_start", "executing", "progress", "executed", "execution_success"} {
-				if !contains(r.seen, want) {
+				if !slices.Contains(r.seen, want) {
 					t.Errorf("prompt %d: no %s message in %v", i, want, r.seen)
 				}
 			}
@@ -290,11 +291,59 @@ func TestComfyAPIExampleClientFlow(t *testing.T) {
 	})
 }
 
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
+// With a bare frontend key the prompts are user "comfy"'s: history and view
+// answer to the key, and the output is a photo of user comfy.
+func TestComfyAPIBareKey(t *testing.T) {
+	s := startStack(t, dbtest.SQLite(t))
+	res, body := s.do("POST", "/comfy/prompt", "logo-key",
+		strings.NewReader(`{"prompt":`+fmt.Sprintf(comfyPrompt, 7)+`}`), "application/json")
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("prompt: %d %s", res.StatusCode, body)
 	}
-	return false
+	var ans struct {
+		PromptID string `json:"prompt_id"`
+	}
+	if err := json.Unmarshal(body, &ans); err != nil {
+		t.Fatal(err)
+	}
+	var hist map[string]struct {
+		Outputs map[string]map[string][]struct {
+			Filename, Subfolder, Type string
+		} `json:"outputs"`
+		Status struct {
+			StatusStr string `json:"status_str"`
+		} `json:"status"`
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s.getJSON("/comfy/history/"+ans.PromptID, "logo-key", &hist)
+		if len(hist) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no history")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	entry := hist[ans.PromptID]
+	imgs := entry.Outputs["9"]["images"]
+	if entry.Status.StatusStr != "success" || len(imgs) != 1 {
+		t.Fatalf("history %+v", hist)
+	}
+	q := url.Values{"filename": {imgs[0].Filename}, "subfolder": {imgs[0].Subfolder}, "type": {imgs[0].Type}}
+	res, img := s.do("GET", "/comfy/view?"+q.Encode(), "logo-key", nil, "")
+	if res.StatusCode != http.StatusOK || len(img) == 0 {
+		t.Fatalf("view: %d %s", res.StatusCode, img)
+	}
+	if res, _ := s.do("GET", "/comfy/view?"+q.Encode(), "style-key", nil, ""); res.StatusCode != http.StatusNotFound {
+		t.Fatalf("another frontend's key viewed the output: %d", res.StatusCode)
+	}
+	var photos struct {
+		Photos []schema.Photo `json:"photos"`
+	}
+	s.getJSON("/api/v1/photos?user_id=comfy", "logo-key", &photos)
+	sum := sha256.Sum256(img)
+	if len(photos.Photos) != 1 || photos.Photos[0].SHA256 != hex.EncodeToString(sum[:]) {
+		t.Fatalf("photos of comfy: %+v", photos)
+	}
 }

@@ -7,7 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
 	"reflect"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -485,6 +488,9 @@ func TestComfyWebSocketMessages(t *testing.T) {
 	if progress.Data["node"] != "3" || progress.Data["value"] != 1.0 || progress.Data["max"] != 4.0 {
 		t.Fatalf("progress %+v", progress)
 	}
+	if want := traceShapes(t, "h_progress_and_binary.json")["progress"]; !reflect.DeepEqual(keysOf(progress.Data), want) {
+		t.Fatalf("progress keys %v, ComfyUI sends %v", keysOf(progress.Data), want)
+	}
 	out, _ := json.Marshal(executed.Data["output"])
 	var refs map[string][]outputRef
 	if err := json.Unmarshal(out, &refs); err != nil || len(refs["images"]) != 1 || executed.Data["node"] != "9" {
@@ -578,5 +584,151 @@ func TestComfyInterrupt(t *testing.T) {
 	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/interrupt"}), 200)
 	if state(run1.ID) != schema.JobCancelled || state(pending.ID) != schema.JobDispatched || state(others.ID) != schema.JobRunning {
 		t.Fatalf("interrupt: %s %s %s", state(run1.ID), state(pending.ID), state(others.ID))
+	}
+}
+
+// traceShapes reads, from a recorded ComfyUI v0.8.0 trace, the keys of the
+// data of each WebSocket message type (the closing executing, node null,
+// as "executing_end") and of the history entry.
+func traceShapes(t *testing.T, file string) map[string][]string {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("..", "comfy", "testdata", "comfy-traces-current", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var trace struct {
+		Events []struct {
+			Kind   string          `json:"kind"`
+			Method string          `json:"method"`
+			Path   string          `json:"path"`
+			Data   json.RawMessage `json:"data"`
+			Body   json.RawMessage `json:"body"`
+		} `json:"events"`
+	}
+	if err := json.Unmarshal(raw, &trace); err != nil {
+		t.Fatal(err)
+	}
+	shapes := map[string][]string{}
+	for _, e := range trace.Events {
+		switch {
+		case e.Kind == "ws_text":
+			var m struct {
+				Type string         `json:"type"`
+				Data map[string]any `json:"data"`
+			}
+			if json.Unmarshal(e.Data, &m) == nil {
+				shapes[messageShapeName(m.Type, m.Data)] = keysOf(m.Data)
+			}
+		case e.Kind == "http_response" && strings.HasPrefix(e.Path, "/history/"):
+			var h map[string]map[string]any
+			if json.Unmarshal(e.Body, &h) == nil {
+				for _, entry := range h {
+					shapes["history"] = keysOf(entry)
+					shapes["history.status"] = keysOf(entry["status"].(map[string]any))
+				}
+			}
+		}
+	}
+	return shapes
+}
+
+func messageShapeName(typ string, data map[string]any) string {
+	if _, ok := data["sid"]; ok && typ == "status" {
+		return "status_first"
+	}
+	if n, ok := data["node"]; ok && n == nil && typ == "executing" {
+		return "executing_end"
+	}
+	return typ
+}
+
+func keysOf(m map[string]any) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// The messages and history entries have the keys ComfyUI v0.8.0 sends
+// (recorded traces: a success with progress, a runtime error, an interrupt).
+func TestComfyShapesMatchTraces(t *testing.T) {
+	want := traceShapes(t, "a_success_3node.json")
+	for _, f := range []string{"d_runtime_error.json", "f2_interrupt.json"} {
+		for k, v := range traceShapes(t, f) {
+			if k == "execution_error" || k == "execution_interrupted" {
+				want[k] = v
+			}
+		}
+	}
+	b := setup(t, dbtest.SQLite(t))
+	got := map[string][]string{}
+	for _, outcome := range []schema.JobState{schema.JobSucceeded, schema.JobFailed, schema.JobCancelled} {
+		j := b.finishedJob("style", "comfy", "ComfyUI_00001_.png")
+		b.jobs.mu.Lock()
+		stored := b.jobs.jobs[j.ID]
+		stored.State = outcome
+		stored.Metadata = json.RawMessage(`{"comfy":{"client_id":"cid"}}`)
+		if outcome == schema.JobFailed {
+			stored.Error = &schema.JobError{Code: schema.CodeExecutionError, Message: "boom", NodeID: "2", NodeType: "ImageBlur"}
+		}
+		b.jobs.mu.Unlock()
+		relayed := b.relayOnce(t, j.ID)
+		for typ, data := range relayed {
+			got[typ] = keysOf(data)
+		}
+		r := b.do(req{method: "GET", path: "/comfy/history/" + j.ID, key: styleKey})
+		expect(t, r, 200)
+		var h map[string]map[string]any
+		b.decode(r, &h)
+		if outcome == schema.JobSucceeded {
+			got["history"] = keysOf(h[j.ID])
+			got["history.status"] = keysOf(h[j.ID]["status"].(map[string]any))
+		}
+	}
+	for _, typ := range []string{"status_first", "status", "execution_start", "execution_cached", "executing",
+		"executed", "execution_success", "executing_end", "execution_error", "execution_interrupted", "history", "history.status"} {
+		if !reflect.DeepEqual(got[typ], want[typ]) {
+			t.Errorf("%s: keys %v, ComfyUI sends %v", typ, got[typ], want[typ])
+		}
+	}
+}
+
+// relayOnce opens a socket, has it follow a finished job and returns the
+// data of each message type it sent (names as messageShapeName gives).
+func (b *bundle) relayOnce(t *testing.T, jobID string) map[string]map[string]any {
+	t.Helper()
+	wsURL := strings.Replace(b.base, "http://", "ws://", 1) + "/comfy/ws?clientId=cid"
+	conn, _, err := websocket.DefaultDialer.Dial(wsURL, map[string][]string{"Authorization": {"Bearer " + styleKey}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	out := map[string]map[string]any{}
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		var m struct {
+			Type string         `json:"type"`
+			Data map[string]any `json:"data"`
+		}
+		if err := conn.ReadJSON(&m); err != nil {
+			t.Fatalf("after %v: %v", out, err)
+		}
+		name := messageShapeName(m.Type, m.Data)
+		out[name] = m.Data
+		if name == "executing_end" && m.Data["prompt_id"] == jobID {
+			return out
+		}
+		if name == "status_first" {
+			// The session is registered before its first frame: post the
+			// prompt, which Submit answers with the finished job.
+			b.jobs.SubmitFunc = func(ctx context.Context, p schema.SubmitParams) (*schema.Job, error) {
+				return b.jobs.get("style", jobID)
+			}
+			r := b.do(req{method: "POST", path: "/comfy/prompt", key: styleKey,
+				body: `{"prompt":{"9":{"class_type":"SaveImage","inputs":{}}},"client_id":"cid"}`})
+			expect(t, r, 200)
+		}
 	}
 }

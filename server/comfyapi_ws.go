@@ -454,6 +454,6 @@ func (r *relayState) end(state schema.JobState) bool {
 		sess.send("execution_error", errorData(j, r.pid, ts))
 	}
 	sess.sendStatus()
-	sess.send("executing", map[string]any{"node": nil, "display_node": nil, "prompt_id": r.pid})
+	sess.send("executing", map[string]any{"node": nil, "prompt_id": r.pid})
 	return true
 }

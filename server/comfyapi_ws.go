@@ -158,8 +158,8 @@ func (a *comfyAPI) serveWS(conn *websocket.Conn) {
 		closeCode = websocket.ClosePolicyViolation
 		return
 	}
-	a.s.metrics.streams.WithLabelValues("comfy").Inc()
-	defer a.s.metrics.streams.WithLabelValues("comfy").Dec()
+	a.s.metrics.streams.WithLabelValues("websocket").Inc()
+	defer a.s.metrics.streams.WithLabelValues("websocket").Dec()
 
 	// First frame: status with the sid, as ComfyUI sends it.
 	sess.send("status", map[string]any{

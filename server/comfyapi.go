@@ -883,3 +883,17 @@ func lenientJSON(c *fiber.Ctx, v any) error {
 	}
 	return nil
 }
+
+// logPath is a request path as the access log shows it: the credential in a
+// ComfyUI API token path is left out.
+func logPath(p string) string {
+	rest, ok := strings.CutPrefix(p, "/comfy/u/")
+	if !ok {
+		return p
+	}
+	_, after, found := strings.Cut(rest, "/")
+	if !found {
+		return "/comfy/u/-"
+	}
+	return "/comfy/u/-/" + after
+}

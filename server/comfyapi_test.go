@@ -46,6 +46,10 @@ func TestComfyTokenAuth(t *testing.T) {
 	}
 	expect(t, b.do(req{method: "GET", path: "/comfy/u/" + tok + "/queue"}), 200)
 	expect(t, b.do(req{method: "GET", path: "/comfy/u/" + tok + "/api/queue"}), 200)
+	// The token is a credential: the access log leaves it out.
+	if logs := b.logs.String(); strings.Contains(logs, tok) || !strings.Contains(logs, "/comfy/u/-/api/queue") {
+		t.Fatalf("access log:\n%s", logs)
+	}
 
 	// A changed signature, a changed payload, garbage, an events token.
 	p64, m64, _ := strings.Cut(tok, ".")

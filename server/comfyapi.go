@@ -104,6 +104,8 @@ func (s *Server) comfyRoutes() {
 		s.app.Get(p+"/object_info/:class", a.auth, a.objectInfo)
 		s.app.Get(p+"/system_stats", a.auth, a.systemStats)
 		s.app.Get(p+"/ws", a.auth, a.ws)
+		s.app.Post(p+"/upload/image", a.auth, a.upload)
+		s.app.Get(p+"/features", a.auth, a.features)
 	}
 }
 
@@ -271,8 +273,12 @@ func (a *comfyAPI) prompt(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	inputs, err := a.uploadedInputs(c.UserContext(), who, p)
+	if err != nil {
+		return a.submitError(c, p, err)
+	}
 	params := schema.SubmitParams{
-		Frontend: who.frontend, UserID: who.user, Workflow: p.Prompt, Metadata: metaJSON,
+		Frontend: who.frontend, UserID: who.user, Workflow: p.Prompt, Metadata: metaJSON, Inputs: inputs,
 	}
 	if p.PromptID != "" {
 		// A retried POST with the same prompt id is the same job.
@@ -896,4 +902,10 @@ func logPath(p string) string {
 		return "/comfy/u/-"
 	}
 	return "/comfy/u/-/" + after
+}
+
+// features serves GET /features: what this API offers of ComfyUI's feature
+// flags (no preview metadata: the socket sends no previews).
+func (a *comfyAPI) features(c *fiber.Ctx) error {
+	return c.JSON(fiber.Map{"supports_preview_metadata": false, "max_upload_size": a.s.cfg.MaxUploadBytes})
 }

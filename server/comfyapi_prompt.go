@@ -17,6 +17,7 @@ type comfyPrompt struct {
 	PromptID string          `json:"prompt_id"`
 
 	classes map[string]string // node id -> class_type
+	images  map[string]bool   // values of the nodes' "image" inputs
 }
 
 // comfyError is ComfyUI's error object; comfyErrorBody its 400 body.
@@ -109,6 +110,14 @@ func decodeComfyPrompt(body []byte) (*comfyPrompt, *comfyErrorBody) {
 			return nil, &b
 		}
 		p.classes[id] = class
+		var inputs map[string]json.RawMessage
+		var image string
+		if json.Unmarshal(n["inputs"], &inputs) == nil && json.Unmarshal(inputs["image"], &image) == nil && image != "" {
+			if p.images == nil {
+				p.images = map[string]bool{}
+			}
+			p.images[image] = true
+		}
 	}
 	return &p, nil
 }

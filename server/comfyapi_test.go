@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"mime/multipart"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -734,5 +735,44 @@ func (b *bundle) relayOnce(t *testing.T, jobID string) map[string]map[string]any
 				body: `{"prompt":{"9":{"class_type":"SaveImage","inputs":{}}},"client_id":"cid"}`})
 			expect(t, r, 200)
 		}
+	}
+}
+
+// An image uploaded with POST /upload/image goes with the caller's prompts
+// that name it in an image input, as the job's input file; another user's
+// prompt naming the same file gets nothing of it.
+func TestComfyUploadImage(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t))
+	tok, r := b.mintComfy(styleKey, `{"user_id":"u-4"}`)
+	expect(t, r, 201)
+	upload := func(path, field, name string, data []byte) resp {
+		var body bytes.Buffer
+		mw := multipart.NewWriter(&body)
+		fw, _ := mw.CreateFormFile(field, name)
+		_, _ = fw.Write(data)
+		_ = mw.WriteField("overwrite", "true")
+		_ = mw.Close()
+		return b.do(req{method: "POST", path: path, body: body.Bytes(),
+			header: map[string]string{"Content-Type": mw.FormDataContentType()}})
+	}
+	img := pngBytes()
+	r = upload("/comfy/u/"+tok+"/upload/image", "image", "cat.png", img)
+	expect(t, r, 200)
+	if string(r.body) != `{"name":"cat.png","subfolder":"","type":"input"}` {
+		t.Fatalf("upload answer %s", r.body)
+	}
+	expect(t, upload("/comfy/u/"+tok+"/upload/image", "image", "c\x01t.png", img), 400)
+	expect(t, upload("/comfy/u/"+tok+"/upload/image", "file", "cat.png", img), 400)
+	expect(t, upload("/comfy/u/"+tok+"/upload/image", "image", "big.png", make([]byte, 65<<10)), 413)
+
+	graph := `{"1":{"class_type":"LoadImage","inputs":{"image":"cat.png"}},"2":{"class_type":"SaveImage","inputs":{"images":["1",0]}}}`
+	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/prompt", body: `{"prompt":` + graph + `}`}), 200)
+	expect(t, b.do(req{method: "POST", path: "/comfy/prompt", key: styleKey, body: `{"prompt":` + graph + `}`}), 200)
+	calls := b.jobs.calls()
+	if len(calls) != 2 || !bytes.Equal(calls[0].files["cat.png"], img) || len(calls[0].files) != 1 {
+		t.Fatalf("the uploader's prompt: %+v", calls)
+	}
+	if calls[1].params.UserID != "comfy" || len(calls[1].files) != 0 {
+		t.Fatalf("another user's prompt got files: %+v", calls[1])
 	}
 }

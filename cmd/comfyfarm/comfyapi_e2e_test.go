@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"mime/multipart"
 	"net/http"
 	"net/url"
 	"slices"
@@ -345,5 +346,40 @@ func TestComfyAPIBareKey(t *testing.T) {
 	sum := sha256.Sum256(img)
 	if len(photos.Photos) != 1 || photos.Photos[0].SHA256 != hex.EncodeToString(sum[:]) {
 		t.Fatalf("photos of comfy: %+v", photos)
+	}
+
+	// An uploaded image used by a prompt's LoadImage reaches the node.
+	var form bytes.Buffer
+	mw := multipart.NewWriter(&form)
+	fw, _ := mw.CreateFormFile("image", "portrait.png")
+	_, _ = fw.Write(pngBytes(t, 16, 16))
+	_ = mw.Close()
+	if res, b := s.do("POST", "/comfy/upload/image", "logo-key", &form, mw.FormDataContentType()); res.StatusCode != http.StatusOK {
+		t.Fatalf("upload: %d %s", res.StatusCode, b)
+	}
+	withImage := `{"prompt":{"1":{"class_type":"LoadImage","inputs":{"image":"portrait.png"}},` +
+		`"2":{"class_type":"ImageInvert","inputs":{"image":["1",0]}},` +
+		`"3":{"class_type":"SaveImage","inputs":{"filename_prefix":"inv","images":["2",0]}}}}`
+	res, body2 := s.do("POST", "/comfy/prompt", "logo-key", strings.NewReader(withImage), "application/json")
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("prompt with an upload: %d %s", res.StatusCode, body2)
+	}
+	if err := json.Unmarshal(body2, &ans); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		clear(hist)
+		s.getJSON("/comfy/history/"+ans.PromptID, "logo-key", &hist)
+		if len(hist) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no history of the prompt with an upload")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if e := hist[ans.PromptID]; e.Status.StatusStr != "success" || len(e.Outputs["3"]["images"]) != 1 {
+		t.Fatalf("prompt with an upload: %+v", hist)
 	}
 }

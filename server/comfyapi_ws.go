@@ -57,6 +57,7 @@ type comfySession struct {
 	mu        sync.Mutex
 	following map[string]bool // jobs relayed now
 	seen      map[string]bool // jobs relayed now or before, while scans still see them
+	closed    bool            // the socket is done: follow no more jobs
 	wg        sync.WaitGroup
 }
 
@@ -169,6 +170,10 @@ func (a *comfyAPI) serveWS(conn *websocket.Conn) {
 	a.register(sess)
 	defer func() {
 		a.unregister(sess)
+		// No follower starts once closed is set: wg.Wait is not raced by an Add.
+		sess.mu.Lock()
+		sess.closed = true
+		sess.mu.Unlock()
 		cancel()
 		sess.wg.Wait()
 	}()
@@ -302,7 +307,7 @@ func (sess *comfySession) send(typ string, data any) {
 // follow starts relaying a job's events, once per job.
 func (sess *comfySession) follow(jobID, pid string) {
 	sess.mu.Lock()
-	if sess.seen[jobID] || len(sess.following) >= maxSessionJobs || sess.ctx.Err() != nil {
+	if sess.closed || sess.seen[jobID] || len(sess.following) >= maxSessionJobs {
 		sess.mu.Unlock()
 		return
 	}

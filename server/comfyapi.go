@@ -263,6 +263,10 @@ func (a *comfyAPI) prompt(c *fiber.Ctx) error {
 		return err
 	}
 	who := comfyWhoOf(c)
+	// A prompt is a submission: limits.submit_per_minute applies too.
+	if err := a.s.limit(c, principal{frontend: who.frontend, key: who.key}, limitSubmits); err != nil {
+		return err
+	}
 	p, perr := decodeComfyPrompt(c.Body())
 	if perr != nil {
 		return c.Status(http.StatusBadRequest).JSON(perr)

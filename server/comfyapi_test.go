@@ -776,3 +776,15 @@ func TestComfyUploadImage(t *testing.T) {
 		t.Fatalf("another user's prompt got files: %+v", calls[1])
 	}
 }
+
+// A prompt counts against the key's submit limit, whether sent with the key
+// or with a token of its frontend.
+func TestComfyPromptSubmitLimit(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t), func(c *Config, _ *Deps) { c.SubmitPerMinute = 1 })
+	tok, r := b.mintComfy(styleKey, `{"user_id":"u-6"}`)
+	expect(t, r, 201)
+	body := `{"prompt":{"9":{"class_type":"SaveImage","inputs":{}}}}`
+	expect(t, b.do(req{method: "POST", path: "/comfy/prompt", key: styleKey, body: body}), 200)
+	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/prompt", body: body}), 429, "rate_limited")
+	expect(t, b.do(req{method: "GET", path: "/comfy/u/" + tok + "/queue"}), 200)
+}

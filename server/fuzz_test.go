@@ -160,3 +160,46 @@ func FuzzMultipartSubmit(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeComfyPrompt: any POST /comfy/prompt body is refused in
+// ComfyUI's error shape or decodes to a prompt object whose every node has a
+// class_type, with client and prompt ids within bounds.
+func FuzzDecodeComfyPrompt(f *testing.F) {
+	for _, seed := range []string{
+		`{"prompt":{"1":{"class_type":"EmptyImage","inputs":{}},"2":{"class_type":"SaveImage","inputs":{"images":["1",0]}}},"client_id":"c"}`,
+		`{"prompt":{"1":{"inputs":{}}}}`,
+		`{"prompt":{"1":{"class_type":""}}}`,
+		`{"prompt":{"1":[]}}`,
+		`{"prompt":[],"client_id":"c"}`,
+		`{"prompt":{},"prompt_id":"5f0c2b9e-6a47-4a3e-9a9e-1c1f2d3e4f50","number":1.5,"front":true,"extra_data":{}}`,
+		`{"prompt":{},"client_id":"\u200b"}`,
+		`{"prompt":null}`, `{}`, `[]`, `null`, ``, `{`, `{"prompt":{}} x`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		p, perr := decodeComfyPrompt(body)
+		if perr != nil {
+			if p != nil || perr.Error.Type == "" || perr.NodeErrors == nil || perr.Error.ExtraInfo == nil {
+				t.Fatalf("refusal %+v with prompt %v", perr, p)
+			}
+			if _, err := json.Marshal(perr); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if !jsonObject(p.Prompt) || len(p.ClientID) > maxClientIDBytes || len(p.PromptID) > maxPromptIDBytes {
+			t.Fatalf("accepted %q", body)
+		}
+		var nodes map[string]map[string]json.RawMessage
+		if err := json.Unmarshal(p.Prompt, &nodes); err != nil {
+			t.Fatalf("accepted prompt is no object of objects: %v", err)
+		}
+		for id, n := range nodes {
+			var class string
+			if json.Unmarshal(n["class_type"], &class) != nil || class == "" || p.classOf(id) != class {
+				t.Fatalf("node %s accepted without class_type: %s", id, body)
+			}
+		}
+	})
+}

@@ -123,7 +123,7 @@ func (s *Server) observe(c *fiber.Ctx) error {
 		attrs := []any{
 			"method", method,
 			"route", route,
-			"path", c.Path(),
+			"path", logPath(c.Path()),
 			"status", status,
 			"duration_ms", float64(elapsed.Microseconds()) / 1000,
 			"bytes", responseBytes(c),

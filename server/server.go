@@ -106,6 +106,7 @@ type Config struct {
 	StreamWriteTimeout time.Duration
 	ShutdownTimeout    time.Duration    // Run's graceful shutdown; default 10s
 	Version            string           // shown by /healthz
+	PublicURL          string           // the address clients reach the server by; base of ComfyUI API token URLs
 	NowFunc            func() time.Time // default time.Now
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
@@ -309,6 +310,8 @@ func (s *Server) routes() {
 	api.Get("/dashboard", key, admin, s.dashboardData)
 	api.Get("/dashboard/jobs", key, admin, s.dashboardJobs)
 	api.Get("/dashboard/samples", key, admin, s.dashboardSamples)
+
+	s.comfyRoutes()
 
 	// Last: anything no route took.
 	app.Use(func(c *fiber.Ctx) error {

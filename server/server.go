@@ -106,13 +106,14 @@ type Config struct {
 	StreamWriteTimeout time.Duration
 	ShutdownTimeout    time.Duration    // Run's graceful shutdown; default 10s
 	Version            string           // shown by /healthz
-	PublicURL          string           // the address clients reach the server by; base of ComfyUI API token URLs
 	NowFunc            func() time.Time // default time.Now
 	// Per frontend API key; the admin key is never limited. 0: no limit.
 	RatePerMinute   int // keyed requests (an event stream counts once, at connect)
 	SubmitPerMinute int // POST /api/v1/jobs, on top of RatePerMinute
-	// PublicURL is the address clients reach the server at; when set,
-	// events_url in submit answers is absolute (PublicURL + path).
+	// PublicURL is the address clients reach the server at, when set in
+	// the configuration: events_url in submit answers is absolute
+	// (PublicURL + path), and ComfyUI API tokens' base_url starts with it
+	// (else with the address the request came to).
 	PublicURL string
 	// MaxGraphNodes bounds a template's workflow; default 5000.
 	MaxGraphNodes int

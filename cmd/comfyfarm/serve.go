@@ -174,7 +174,6 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 		KeepAlive:        cfg.Events.KeepAlive,
 		ShutdownTimeout:  cfg.ShutdownTimeout,
 		Version:          buildVersion(),
-		PublicURL:        cfg.PublicURL,
 		RatePerMinute:    cfg.Limits.RatePerMinute,
 		SubmitPerMinute:  cfg.Limits.SubmitPerMinute,
 		TrustedProxies:   cfg.Server.TrustedProxies,

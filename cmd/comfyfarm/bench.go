@@ -295,8 +295,9 @@ func benchDirect(ctx context.Context, node string, n int) ([]time.Duration, erro
 	return out, nil
 }
 
-// waitPromptDone reads ComfyUI's WebSocket until the prompt has ended
-// (execution_success, or executing with node null).
+// waitPromptDone reads ComfyUI's WebSocket until the prompt has ended:
+// executing with node null, which ComfyUI sends once the history is written
+// (execution_success comes before that).
 func waitPromptDone(ws *websocket.Conn, pid string) error {
 	_ = ws.SetReadDeadline(time.Now().Add(60 * time.Second))
 	for {
@@ -318,8 +319,7 @@ func waitPromptDone(ws *websocket.Conn, pid string) error {
 			continue
 		}
 		switch {
-		case m.Type == "execution_success",
-			m.Type == "executing" && (len(m.Data.Node) == 0 || string(m.Data.Node) == "null"):
+		case m.Type == "executing" && (len(m.Data.Node) == 0 || string(m.Data.Node) == "null"):
 			return nil
 		case m.Type == "execution_error":
 			return fmt.Errorf("prompt %s failed: %s", pid, data)

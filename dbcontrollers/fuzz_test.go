@@ -125,7 +125,7 @@ func rowFromArgs(t *testing.T, args []any) *jobRow {
 	dest := []any{&r.ID, &r.Frontend, &r.UserID, &r.State, &r.Priority, &r.Workflow, &r.Metadata, &r.Inputs, &r.Node,
 		&r.PromptID, &r.Attempts, &r.LeaseOwner, &r.LeaseExpiresAt, &r.Progress, &r.Outputs, &r.Error,
 		&r.IdempotencyKey, &r.Charged, &r.CancelRequested, &r.CreatedAt, &r.DispatchedAt, &r.StartedAt,
-		&r.FinishedAt, &r.UpdatedAt}
+		&r.FinishedAt, &r.UpdatedAt, &r.Requirements}
 	if len(dest) != len(args) {
 		t.Fatalf("%d args for %d columns", len(args), len(dest))
 	}

@@ -11,9 +11,9 @@ import (
 // jobColumns lists the jobs table in the order jobArgs writes it.
 const jobColumns = "id, frontend, user_id, state, priority, workflow, metadata, inputs, node, prompt_id, " +
 	"attempts, lease_owner, lease_expires_at, progress, outputs, error, idempotency_key, charged, " +
-	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at"
+	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, requirements"
 
-const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+const jobPlaceholders = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
 
 // jobRow is one row of jobs as stored.
 type jobRow struct {
@@ -41,6 +41,7 @@ type jobRow struct {
 	StartedAt       nullTime       `db:"started_at"`
 	FinishedAt      nullTime       `db:"finished_at"`
 	UpdatedAt       dbTime         `db:"updated_at"`
+	Requirements    sql.NullString `db:"requirements"`
 }
 
 // storedInput and storedOutput are the JSON forms kept in the jobs table.
@@ -126,7 +127,12 @@ func jobArgs(j *schema.Job) ([]any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode outputs: %w", err)
 	}
-	var progress, jerr any
+	var progress, jerr, req any
+	if !j.Requirements.IsZero() {
+		if req, err = marshalText(j.Requirements); err != nil {
+			return nil, fmt.Errorf("encode requirements: %w", err)
+		}
+	}
 	if j.Progress != nil {
 		if progress, err = marshalText(j.Progress); err != nil {
 			return nil, fmt.Errorf("encode progress: %w", err)
@@ -142,7 +148,7 @@ func jobArgs(j *schema.Job) ([]any, error) {
 		inputs, strOrNil(j.Node), strOrNil(j.PromptID), j.Attempts, strOrNil(j.LeaseOwner),
 		ntval(j.LeaseExpiresAt), progress, outputs, jerr, strOrNil(j.IdempotencyKey), j.Charged,
 		j.CancelRequested, tval(j.CreatedAt), ntval(j.DispatchedAt), ntval(j.StartedAt),
-		ntval(j.FinishedAt), tval(j.UpdatedAt),
+		ntval(j.FinishedAt), tval(j.UpdatedAt), req,
 	}, nil
 }
 
@@ -191,6 +197,13 @@ func (r *jobRow) job() (*schema.Job, error) {
 		for i, x := range out {
 			j.Outputs[i] = schema.Output(x)
 		}
+	}
+	if r.Requirements.Valid && r.Requirements.String != "" {
+		var req schema.Requirements
+		if err := json.Unmarshal([]byte(r.Requirements.String), &req); err != nil {
+			return nil, fmt.Errorf("job %s: decode requirements: %w", r.ID, err)
+		}
+		j.Requirements = &req
 	}
 	if r.Progress.Valid {
 		var p schema.Progress

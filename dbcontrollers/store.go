@@ -113,6 +113,12 @@ func (s *Store) JobInsert(ctx context.Context, j *schema.Job) error {
 		return err
 	}
 	q := "INSERT INTO jobs (" + jobColumns + ") VALUES (" + jobPlaceholders + ")"
+	if args[len(args)-1] == nil {
+		// No requirements: the column keeps its NULL default, and the
+		// insert is the one databases before migration 9 took.
+		args = args[:len(args)-1]
+		q = "INSERT INTO jobs (" + strings.TrimSuffix(jobColumns, ", requirements") + ") VALUES (" + jobPlaceholders[3:] + ")"
+	}
 	if _, err := s.db.ExecContext(ctx, q, args...); err != nil {
 		return fmt.Errorf("insert job: %w", interpretError(err))
 	}

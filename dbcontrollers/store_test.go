@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"reflect"
 	"sync"
 	"testing"
@@ -94,8 +95,18 @@ func TestMigrationsIdempotent(t *testing.T) {
 			if err := db.GetContext(ctx, &applied, "SELECT COUNT(*) FROM schema_migrations WHERE version_id > 0"); err != nil {
 				t.Fatalf("%s: read schema_migrations: %v", open.kind, err)
 			}
-			if int64(applied) != target {
-				t.Errorf("%s: %d migrations recorded, want %d (each once)", open.kind, applied, target)
+			// Versions need not be contiguous (numbers are reserved by
+			// changes made side by side): count the files.
+			fsys, err := schema.MigrationsFS(open.kind, db.Dialect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			files, err := fs.Glob(fsys, "*.sql")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if applied != len(files) {
+				t.Errorf("%s: %d migrations recorded, want %d (each once)", open.kind, applied, len(files))
 			}
 			db.Close()
 		}

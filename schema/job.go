@@ -59,6 +59,7 @@ type Job struct {
 	Workflow        json.RawMessage `json:"-"`
 	Metadata        json.RawMessage `json:"metadata,omitempty"`
 	Inputs          []JobInput      `json:"-"`
+	Requirements    *Requirements   `json:"requirements,omitempty"`
 	Node            string          `json:"node"` // "" until dispatched
 	PromptID        string          `json:"-"`
 	Attempts        int             `json:"attempts"`

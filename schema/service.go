@@ -14,6 +14,7 @@ type SubmitParams struct {
 	Metadata       json.RawMessage // free JSON, <= MaxMetadataBytes
 	IdempotencyKey string
 	Inputs         []InputFile
+	Requirements   *Requirements // nodes the job may run on; nil: any
 }
 
 // MaxMetadataBytes caps a job's metadata (contract: 16 KiB).

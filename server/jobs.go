@@ -34,6 +34,8 @@ type submitBody struct {
 	Workflow json.RawMessage `json:"workflow"`
 	Priority int             `json:"priority"`
 	Metadata json.RawMessage `json:"metadata"`
+	// Requirements narrow the nodes the job may run on.
+	Requirements *schema.Requirements `json:"requirements"`
 }
 
 // validate checks what the server can check cheaply; the graph itself is the
@@ -61,6 +63,11 @@ func (b *submitBody) validate() error {
 	} else {
 		b.Metadata = nil
 	}
+	req, err := b.Requirements.Check()
+	if err != nil {
+		return err
+	}
+	b.Requirements = req
 	return nil
 }
 
@@ -111,6 +118,7 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 		Metadata:       b.Metadata,
 		IdempotencyKey: key,
 		Inputs:         inputs,
+		Requirements:   b.Requirements,
 	})
 	if err != nil {
 		return err
@@ -154,6 +162,12 @@ func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.In
 			if !json.Valid(b.Metadata) {
 				return nil, newAPIError(http.StatusBadRequest, "invalid_json", "metadata is not valid JSON").with("field", "metadata")
 			}
+		case "requirements":
+			var req schema.Requirements
+			if err := decodeJSONBytes([]byte(v), &req); err != nil {
+				return nil, err
+			}
+			b.Requirements = &req
 		case "priority":
 			p, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil {

@@ -184,12 +184,6 @@ func (r *runner) catalogueAge() (age time.Duration, ok bool) {
 	return r.farm.cfg.NowFunc().Sub(r.catAt), true
 }
 
-func (r *runner) classesKnown() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.cat != nil
-}
-
 // catalogue returns the node's catalogue, or nil when unknown.
 func (r *runner) catalogue() *catalogue {
 	r.mu.Lock()

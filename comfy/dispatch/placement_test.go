@@ -2,6 +2,7 @@ package dispatch
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"reflect"
 	"testing"
@@ -226,6 +227,9 @@ func TestPlacementPositionsRestricted(t *testing.T) {
 		as = append(as, e.submit("alpha", "u", sdGraph(ckptXL, 1, i), 0))
 		bs = append(bs, e.submit("beta", "u", sdGraph(ckpt15, 1, i), 0))
 	}
+	// A job either node can run competes with every job before it.
+	either := e.submit("alpha", "u", json.RawMessage(`{"1":{"class_type":"EmptyImage","inputs":{"width":8,"height":8,"batch_size":1,"color":0}},`+
+		`"2":{"class_type":"SaveImage","inputs":{"images":["1",0],"filename_prefix":"x"}}}`), 0)
 	for i := range 3 {
 		for _, j := range []*schema.Job{as[i], bs[i]} {
 			if p, ok := e.farm.position(j.ID); !ok || p != i {
@@ -233,6 +237,16 @@ func TestPlacementPositionsRestricted(t *testing.T) {
 			}
 		}
 	}
+	if p, _ := e.farm.position(either.ID); p != 6 {
+		t.Errorf("a job any node can run at position %d, want 6", p)
+	}
+	// The positions published to subscribers agree.
+	e.eventually(10*time.Second, "positions published", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		last := e.passes[len(e.passes)-1].positions
+		return last[as[2].ID] == 2 && last[bs[2].ID] == 2 && last[either.ID] == 6
+	})
 	e.releaseAll()
 	for _, j := range append(as, bs...) {
 		e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)

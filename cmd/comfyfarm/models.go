@@ -59,7 +59,7 @@ func printModels(w io.Writer, m map[string]map[string][]string, input string) er
 		if input != "" && in != input {
 			continue
 		}
-		if input == "" && !strings.HasSuffix(in, "_name") && in != "image" {
+		if input == "" && !fileInput(in) {
 			continue
 		}
 		for _, v := range slices.Sorted(maps.Keys(m[in])) {
@@ -71,4 +71,16 @@ func printModels(w io.Writer, m map[string]map[string][]string, input string) er
 		fmt.Fprintln(tw, "(none)")
 	}
 	return tw.Flush()
+}
+
+// fileInput reports whether an enum input names files (models, input
+// images) rather than algorithms.
+func fileInput(in string) bool {
+	switch in {
+	case "image", "upscale_model", "ipadapter_file", "instantid_file", "pulid_file":
+		return true
+	case "sampler_name", "scheduler_name":
+		return false
+	}
+	return strings.HasSuffix(in, "_name")
 }

@@ -173,9 +173,29 @@ func (f *Farm) checkPlacement(ctx context.Context, pj *pendingJob) error {
 		return nil
 	}
 	// Read again what may be stale, then look again.
+	f.refreshCatalogues(ctx, fit)
+	missing, closest = f.missingValues(fit, pj)
+	switch {
+	case missing != nil:
+		return &schema.NoNodeError{
+			Reason:  "no node offers " + describeMissing(missing),
+			Missing: missing, Requirements: pj.Req,
+		}
+	case closest != nil:
+		return &schema.NoNodeError{
+			Reason:  "no one node offers all of its values; the closest lacks " + describeMissing(closest),
+			Missing: closest, Requirements: pj.Req,
+		}
+	}
+	return nil
+}
+
+// refreshCatalogues reads again the catalogues of the up nodes among
+// nodes, each at most once per catalogueRetryEvery, and waits for them.
+func (f *Farm) refreshCatalogues(ctx context.Context, nodes []nodeFacts) {
 	var wg sync.WaitGroup
 	now := f.cfg.NowFunc()
-	for _, nf := range fit {
+	for _, nf := range nodes {
 		if !nf.up {
 			continue
 		}
@@ -196,20 +216,24 @@ func (f *Farm) checkPlacement(ctx context.Context, pj *pendingJob) error {
 		}()
 	}
 	wg.Wait()
-	missing, closest = f.missingValues(fit, pj)
-	switch {
-	case missing != nil:
-		return &schema.NoNodeError{
-			Reason:  "no node offers " + describeMissing(missing),
-			Missing: missing, Requirements: pj.Req,
+}
+
+// refreshForStale follows a job placed again because a node's catalogue was
+// stale: when no other up node qualifies for it by what the farm knows,
+// their catalogues may be stale too (the file was moved, not removed), so
+// they are read again (rate-limited as for a submit).
+func (f *Farm) refreshForStale(ctx context.Context, pj *pendingJob, from string) {
+	var others []nodeFacts
+	for _, nf := range f.facts() {
+		if nf.name == from || !nf.up || !nf.meets(pj.Req) {
+			continue
 		}
-	case closest != nil:
-		return &schema.NoNodeError{
-			Reason:  "no one node offers all of its values; the closest lacks " + describeMissing(closest),
-			Missing: closest, Requirements: pj.Req,
+		if nf.r.canRun(pj) {
+			return
 		}
+		others = append(others, nf)
 	}
-	return nil
+	f.refreshCatalogues(ctx, others)
 }
 
 // missingValues looks at the up nodes among fit whose catalogue is known.

@@ -151,6 +151,22 @@ func TestPlacementStaleCatalogue(t *testing.T) {
 		if c := e.farm.runner("n1").catalogue(); c.choices["CheckpointLoaderSimple"]["ckpt_name"].has(ckptFlux) {
 			t.Error("n1's catalogue was not read again")
 		}
+
+		// A file moved from n1 to n2 behind the farm's back: n1 refuses, and
+		// as no other node offers it by what the farm knows, n2's
+		// catalogue is read again too and the job runs there.
+		const moved = "moved.safetensors"
+		e.fakes["n1"].SetCheckpoints(ckptXL, moved)
+		if _, err := e.farm.NodeProbe(ctx, "n1"); err != nil {
+			t.Fatal(err)
+		}
+		e.fakes["n1"].SetCheckpoints(ckptXL)
+		e.fakes["n2"].SetCheckpoints(ckptXL, ckptFlux, moved)
+		j = e.submit("alpha", "u", sdGraph(moved, 1, 3), 0)
+		j = e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
+		if j.Node != "n2" || j.Attempts != 1 {
+			t.Errorf("moved file: ran on %s after %d attempts, want n2 and 1", j.Node, j.Attempts)
+		}
 	})
 }
 

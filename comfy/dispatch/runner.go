@@ -430,6 +430,9 @@ func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error)
 		// workflow's fault. Read it again and place the job again.
 		r.log.Info("node lacks a value its catalogue listed, placing the job again", "job_id", job.ID, "err", verr)
 		r.farm.requeueJob(ctx, r, jobRef{job.ID, job.Attempts}, "stale catalogue: "+verr.Error(), requeueStale)
+		if pj, err := pendingFromJob(job, r.farm.cfg.MaxGraphNodes); err == nil {
+			r.farm.refreshForStale(ctx, pj, r.name)
+		}
 	case errors.As(err, &verr):
 		jerr := &schema.JobError{Code: schema.CodeValidationFailed, Message: verr.Error(), Details: validationDetails(verr)}
 		for id, ne := range verr.NodeErrors {

@@ -24,14 +24,14 @@ type catalogue struct {
 	checkpoints, loras, packs int
 }
 
-// choiceSet is one enum input's accepted values.
+// choiceSet is one enum input's accepted values, sorted (a sorted slice
+// takes a fraction of a map's memory; lookups are a binary search).
 type choiceSet struct {
 	key    [32]byte
-	values map[string]struct{}
 	sorted []string
 }
 
-func (c *choiceSet) has(v string) bool { _, ok := c.values[v]; return ok }
+func (c *choiceSet) has(v string) bool { _, ok := slices.BinarySearch(c.sorted, v); return ok }
 
 // need is one enum value a workflow uses: class.input = value.
 type need struct {
@@ -71,10 +71,11 @@ type catalogueCache struct {
 	mu   sync.Mutex
 	cats map[[32]byte]*catalogue
 	sets map[[32]byte]*choiceSet
+	strs map[string]string // every value of sets, one copy each
 }
 
 func newCatalogueCache() *catalogueCache {
-	return &catalogueCache{cats: make(map[[32]byte]*catalogue), sets: make(map[[32]byte]*choiceSet)}
+	return &catalogueCache{cats: make(map[[32]byte]*catalogue), sets: make(map[[32]byte]*choiceSet), strs: make(map[string]string)}
 }
 
 // checkpointInputs and loraInputs name the inputs whose choices count as a
@@ -145,10 +146,10 @@ func (cc *catalogueCache) build(info map[string]comfy.ClassInfo, live []*catalog
 			set := cc.setLocked(values)
 			c.choices[name][input] = set
 			if checkpointInputs[input] {
-				c.checkpoints = max(c.checkpoints, len(set.values))
+				c.checkpoints = max(c.checkpoints, len(set.sorted))
 			}
 			if loraInputs[input] {
-				c.loras = max(c.loras, len(set.values))
+				c.loras = max(c.loras, len(set.sorted))
 			}
 		}
 	}
@@ -172,9 +173,15 @@ func (cc *catalogueCache) setLocked(values []string) *choiceSet {
 	if s := cc.sets[key]; s != nil {
 		return s
 	}
-	s := &choiceSet{key: key, values: make(map[string]struct{}, len(sorted)), sorted: sorted}
-	for _, v := range sorted {
-		s.values[v] = struct{}{}
+	s := &choiceSet{key: key, sorted: slices.Clip(sorted)}
+	for i, v := range sorted {
+		// Lists that differ by a file share the strings of the others.
+		if old, ok := cc.strs[v]; ok {
+			v = old
+		} else {
+			cc.strs[v] = v
+		}
+		sorted[i] = v
 	}
 	cc.sets[key] = s
 	return s
@@ -204,9 +211,19 @@ func (cc *catalogueCache) pruneLocked(live []*catalogue) {
 			}
 		}
 	}
+	dropped := false
 	for k := range cc.sets {
 		if !used[k] {
 			delete(cc.sets, k)
+			dropped = true
+		}
+	}
+	if dropped {
+		clear(cc.strs)
+		for _, s := range cc.sets {
+			for _, v := range s.sorted {
+				cc.strs[v] = v
+			}
 		}
 	}
 }

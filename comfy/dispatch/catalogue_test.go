@@ -66,16 +66,17 @@ func TestCatalogueSharing(t *testing.T) {
 }
 
 // BenchmarkCatalogue500 reports the heap 500 nodes' catalogues take when
-// each has its own checkpoint list.
+// each has its own checkpoint list (200 files in common, one of its own).
 func BenchmarkCatalogue500(b *testing.B) {
 	base := fakeObjectInfo(b, comfytest.Options{})
 	infos := make([]map[string]comfy.ClassInfo, 500)
 	for i := range infos {
 		info := maps.Clone(base)
 		ckpt := info["CheckpointLoaderSimple"]
-		list := `"shared.safetensors"`
+		// 200 files every node has, and one of its own: 500 lists.
+		list := fmt.Sprintf(`"own-%d.safetensors"`, i)
 		for k := range 200 {
-			list += fmt.Sprintf(`,"model-%d-%d.safetensors"`, i%5, k)
+			list += fmt.Sprintf(`,"model-%d.safetensors"`, k)
 		}
 		ckpt.Input = []byte(`{"required":{"ckpt_name":[[` + list + `],{}]}}`)
 		info["CheckpointLoaderSimple"] = ckpt

@@ -141,6 +141,8 @@ type Farm struct {
 	mu        sync.Mutex // guards the queue and positions; taken before rmu
 	queue     *fairQueue
 	positions map[string]int // last published position per queued job
+	sigIDs    map[string]int // placement signatures numbered, for the enum index sigGen
+	sigGen    uint64
 	// unrunnable: since when a queued job has needed a class no node offers.
 	unrunnable map[string]time.Time
 	rr         uint64 // round robin tie-break among equally good nodes
@@ -416,8 +418,8 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 // changed since it was last told.
 func (f *Farm) publishPositionsLocked(dispatched ...string) {
 	plan, positions := f.planPositionsLocked()
-	for _, pj := range plan {
-		p := positions[pj.ID]
+	for i, pj := range plan {
+		p := positions[i]
 		if old, ok := f.positions[pj.ID]; ok && old == p {
 			continue
 		}
@@ -444,8 +446,12 @@ func (f *Farm) position(id string) (int, bool) {
 	p, ok := f.positions[id]
 	if !ok {
 		if f.queue.Has(id) {
-			_, all := f.planPositionsLocked()
-			p, ok = all[id], true
+			plan, all := f.planPositionsLocked()
+			for i, pj := range plan {
+				if pj.ID == id {
+					p, ok = all[i], true
+				}
+			}
 		}
 	}
 	return p, ok

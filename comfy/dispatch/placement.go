@@ -108,9 +108,11 @@ func (f *Farm) placementChanged() {
 		}
 	}
 	f.emu.Lock()
-	f.enumGen++
-	idx.gen = f.enumGen
-	f.enums = idx
+	if f.enums == nil || !maps.Equal(f.enums.inputs, idx.inputs) {
+		f.enumGen++
+		idx.gen = f.enumGen
+		f.enums = idx
+	}
 	f.emu.Unlock()
 	f.kickScheduler()
 }
@@ -121,19 +123,20 @@ type enumIndex struct {
 	inputs map[[2]string]bool // {class, input}
 }
 
-// sigOf returns pj's placement signature under the current enum index:
-// jobs with equal signatures may run on the same nodes. Literal inputs no
-// node lists as a choice (prompts, seeds as text) are left out of it.
-func (f *Farm) sigOf(pj *pendingJob) string {
-	f.emu.Lock()
-	idx := f.enums
-	f.emu.Unlock()
+// sigIDLocked returns pj's placement signature under the enum index idx,
+// as a small number: jobs with equal signatures may run on the same nodes.
+// Literal inputs no node lists as a choice (prompts, seeds as text) are left
+// out of it. The number is kept on pj until the index changes.
+func (f *Farm) sigIDLocked(pj *pendingJob, idx *enumIndex) int {
 	var gen uint64
 	if idx != nil {
 		gen = idx.gen
 	}
-	if pj.sig != "" && pj.sigGen == gen {
-		return pj.sig
+	if pj.sigGen == gen+1 {
+		return pj.sigID
+	}
+	if f.sigGen != gen || f.sigIDs == nil {
+		f.sigIDs, f.sigGen = make(map[string]int), gen
 	}
 	var needs []need
 	if idx != nil {
@@ -143,8 +146,14 @@ func (f *Farm) sigOf(pj *pendingJob) string {
 			}
 		}
 	}
-	pj.sig, pj.sigGen = jobSig(pj.Classes, needs, pj.Req), gen
-	return pj.sig
+	sig := jobSig(pj.Classes, needs, pj.Req)
+	id, ok := f.sigIDs[sig]
+	if !ok {
+		id = len(f.sigIDs)
+		f.sigIDs[sig] = id
+	}
+	pj.sigID, pj.sigGen = id, gen+1
+	return id
 }
 
 // checkPlacement refuses, with *schema.NoNodeError, a job no node can run:
@@ -341,9 +350,9 @@ func (s nodeSet) empty() bool {
 // state and load) shares a node with its own. When every job may run on
 // every node this is its index in the plan. A job no node is eligible for
 // (it waits for one) competes with every job.
-func (f *Farm) planPositionsLocked() ([]*pendingJob, map[string]int) {
+func (f *Farm) planPositionsLocked() ([]*pendingJob, []int) {
 	plan := f.queue.Plan()
-	pos := make(map[string]int, len(plan))
+	pos := make([]int, len(plan))
 	facts := f.facts()
 	words := (len(facts) + 63) / 64
 	full := make(nodeSet, words)
@@ -351,12 +360,15 @@ func (f *Farm) planPositionsLocked() ([]*pendingJob, map[string]int) {
 		full[i/64] |= 1 << (i % 64)
 	}
 	// Jobs that ask the same share an eligible set: compute it once.
-	bySig := map[string]int{}
+	f.emu.Lock()
+	idx := f.enums
+	f.emu.Unlock()
+	bySig := map[int]int{}
 	var sets []nodeSet
 	var counts []int
 	sigOf := make([]int, len(plan))
 	for i, pj := range plan {
-		sig := f.sigOf(pj)
+		sig := f.sigIDLocked(pj, idx)
 		k, ok := bySig[sig]
 		if !ok {
 			set := make(nodeSet, words)
@@ -376,8 +388,8 @@ func (f *Farm) planPositionsLocked() ([]*pendingJob, map[string]int) {
 		sigOf[i] = k
 	}
 	if len(sets) == 1 {
-		for i, pj := range plan {
-			pos[pj.ID] = i
+		for i := range plan {
+			pos[i] = i
 		}
 		return plan, pos
 	}
@@ -389,14 +401,14 @@ func (f *Farm) planPositionsLocked() ([]*pendingJob, map[string]int) {
 			meet[a][b] = sets[a].intersects(sets[b])
 		}
 	}
-	for i, pj := range plan {
+	for i := range plan {
 		k, p := sigOf[i], 0
 		for b, n := range counts {
 			if n > 0 && meet[k][b] {
 				p += n
 			}
 		}
-		pos[pj.ID] = p
+		pos[i] = p
 		counts[k]++
 	}
 	return plan, pos

@@ -19,8 +19,8 @@ type pendingJob struct {
 	Needs    []need   // literal string inputs: a node listing one as an enum input must offer the value
 	Req      *schema.Requirements
 
-	sig    string // placement signature (see Farm.sigOf), valid for the enum index sigGen
-	sigGen uint64
+	sigID  int    // placement signature (see Farm.sigIDLocked)
+	sigGen uint64 // the enum index generation sigID is for, plus one; 0: none yet
 }
 
 // before orders jobs of one frontend: priority first, then FIFO.

@@ -90,9 +90,6 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		uploads[i] = in.Filename
 	}
 	probe := &pendingJob{Classes: g.ClassTypes(), Needs: needsOf(g, uploads), Req: req}
-	if err := f.checkPlacement(ctx, probe); err != nil {
-		return nil, err
-	}
 	if p.IdempotencyKey != "" {
 		if len(p.IdempotencyKey) > 128 {
 			return nil, schema.Invalid("Idempotency-Key", "must be at most 128 characters")
@@ -100,6 +97,11 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		if prev, err := f.store.JobByIdempotencyKey(ctx, p.Frontend, p.IdempotencyKey); err == nil {
 			return f.replay(ctx, prev, p)
 		}
+	}
+	// After the replay: a retried submit gets its job even when the nodes
+	// changed since.
+	if err := f.checkPlacement(ctx, probe); err != nil {
+		return nil, err
 	}
 
 	id := ulid.Make().String()

@@ -191,3 +191,21 @@ func equalStrings(a, b []string) bool {
 	}
 	return true
 }
+
+// FuzzComboInputs feeds node input specs (what a node's /object_info says,
+// custom nodes included) to ComboInputs: it never panics, and every input it
+// returns is one ComboOptions agrees on.
+func FuzzComboInputs(f *testing.F) {
+	f.Add([]byte(`{"required":{"ckpt_name":[["a.safetensors","b.safetensors"],{}],"seed":["INT",{"min":0}]}}`))
+	f.Add([]byte(`{"required":{"s":["COMBO",{"options":["x","y",3]}]},"optional":{"e":[[]]}}`))
+	f.Add([]byte(`{"required":{"x":[]},"optional":[],"hidden":{"h":[["a"]]}}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, input []byte) {
+		ci := ClassInfo{Input: input}
+		for name, opts := range ci.ComboInputs() {
+			if got := ci.ComboOptions(name); len(got) != len(opts) {
+				t.Fatalf("input %q: ComboInputs %v, ComboOptions %v", name, opts, got)
+			}
+		}
+	})
+}

@@ -3,6 +3,7 @@ package comfy
 import (
 	"encoding/json"
 	"path"
+	"sort"
 	"strings"
 )
 
@@ -126,4 +127,38 @@ func (g *Graph) SetFilenamePrefix(prefix string) int {
 func mustJSON(s string) json.RawMessage {
 	b, _ := json.Marshal(s) // a string always encodes
 	return b
+}
+
+// Literal is a string input set in the workflow itself (not linked from another node).
+type Literal struct {
+	NodeID string
+	Class  string
+	Input  string
+	Value  string
+}
+
+// Literals lists the string inputs of every node, in node id order and by input name. Links
+// ([id, index]) and non-string values are left out.
+func (g *Graph) Literals() []Literal {
+	var out []Literal
+	for _, id := range g.ids {
+		n := g.nodes[id]
+		names := make([]string, 0, len(n.inputs))
+		for name := range n.inputs {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
+			if s, ok := stringInput(n.inputs[name]); ok {
+				out = append(out, Literal{NodeID: id, Class: n.classType, Input: name, Value: s})
+			}
+		}
+	}
+	return out
+}
+
+// IsLoadImageInput reports whether class.input names a file of the input folder that
+// RewriteImages may replace.
+func IsLoadImageInput(class, input string) bool {
+	return loadImageClasses[class] && input == "image"
 }

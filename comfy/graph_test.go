@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -266,5 +267,34 @@ func readJSONFile(t *testing.T, path string, v any) {
 	}
 	if err := json.Unmarshal(b, v); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Literals are the string inputs set in the graph itself: links and
+// numbers are left out; LoadImage's image is the input uploads rewrite.
+func TestGraphLiterals(t *testing.T) {
+	g, err := ParseGraph([]byte(`{
+ "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux.safetensors"}},
+ "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "x.safetensors", "strength_model": 1}},
+ "3": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+ "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "out"}}}`), GraphLimits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Literal{
+		{"1", "CheckpointLoaderSimple", "ckpt_name", "flux.safetensors"},
+		{"2", "LoraLoader", "lora_name", "x.safetensors"},
+		{"3", "LoadImage", "image", "cat.png"},
+		{"4", "SaveImage", "filename_prefix", "out"},
+	}
+	if got := g.Literals(); !reflect.DeepEqual(got, want) {
+		t.Errorf("literals %v, want %v", got, want)
+	}
+	if !IsLoadImageInput("LoadImage", "image") || IsLoadImageInput("LoadImage", "upload") || IsLoadImageInput("SaveImage", "image") {
+		t.Error("IsLoadImageInput")
+	}
+	ci := ClassInfo{Input: []byte(`{"required":{"ckpt_name":[["a","b"],{}],"steps":["INT",{}]},"optional":{"s":["COMBO",{"options":["x"]}],"none":[[]]}}`)}
+	if got := ci.ComboInputs(); !reflect.DeepEqual(got, map[string][]string{"ckpt_name": {"a", "b"}, "s": {"x"}, "none": {}}) {
+		t.Errorf("combo inputs %v", got)
 	}
 }

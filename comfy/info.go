@@ -228,3 +228,25 @@ func (c *Client) ClassNames(ctx context.Context) ([]string, error) {
 	sort.Strings(names)
 	return names, nil
 }
+
+// ComboInputs returns every required and optional input of the class whose type is a list of
+// choices (model files, input images, samplers...), input name -> choices. An input with an
+// empty list is present with no choices: no value is accepted there.
+func (ci ClassInfo) ComboInputs() map[string][]string {
+	var groups map[string]map[string]json.RawMessage
+	if json.Unmarshal(ci.Input, &groups) != nil {
+		return nil
+	}
+	var out map[string][]string
+	for _, g := range []string{"required", "optional"} {
+		for name := range groups[g] {
+			if opts := ci.ComboOptions(name); opts != nil {
+				if out == nil {
+					out = make(map[string][]string)
+				}
+				out[name] = opts
+			}
+		}
+	}
+	return out
+}

@@ -12,7 +12,7 @@ import (
 // jobColumns lists the jobs table in the order jobArgs writes it.
 const jobColumns = "id, frontend, user_id, state, priority, workflow, metadata, inputs, node, prompt_id, " +
 	"attempts, lease_owner, lease_expires_at, progress, outputs, error, idempotency_key, charged, " +
-	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, template, webhook_url"
+	"cancel_requested, created_at, dispatched_at, started_at, finished_at, updated_at, template, webhook_url, requirements"
 
 // jobPlaceholders has one "?" per column of jobColumns.
 var jobPlaceholders = strings.TrimSuffix(strings.Repeat("?, ", strings.Count(jobColumns, ",")+1), ", ")
@@ -45,6 +45,7 @@ type jobRow struct {
 	UpdatedAt       dbTime         `db:"updated_at"`
 	Template        sql.NullString `db:"template"`
 	WebhookURL      sql.NullString `db:"webhook_url"`
+	Requirements    sql.NullString `db:"requirements"`
 }
 
 // storedInput and storedOutput are the JSON forms kept in the jobs table.
@@ -130,7 +131,12 @@ func jobArgs(j *schema.Job) ([]any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode outputs: %w", err)
 	}
-	var progress, jerr any
+	var progress, jerr, req any
+	if !j.Requirements.IsZero() {
+		if req, err = marshalText(j.Requirements); err != nil {
+			return nil, fmt.Errorf("encode requirements: %w", err)
+		}
+	}
 	if j.Progress != nil {
 		if progress, err = marshalText(j.Progress); err != nil {
 			return nil, fmt.Errorf("encode progress: %w", err)
@@ -146,7 +152,7 @@ func jobArgs(j *schema.Job) ([]any, error) {
 		inputs, strOrNil(j.Node), strOrNil(j.PromptID), j.Attempts, strOrNil(j.LeaseOwner),
 		ntval(j.LeaseExpiresAt), progress, outputs, jerr, strOrNil(j.IdempotencyKey), j.Charged,
 		j.CancelRequested, tval(j.CreatedAt), ntval(j.DispatchedAt), ntval(j.StartedAt),
-		ntval(j.FinishedAt), tval(j.UpdatedAt), strOrNil(j.Template), strOrNil(j.WebhookURL),
+		ntval(j.FinishedAt), tval(j.UpdatedAt), strOrNil(j.Template), strOrNil(j.WebhookURL), req,
 	}, nil
 }
 
@@ -197,6 +203,13 @@ func (r *jobRow) job() (*schema.Job, error) {
 		for i, x := range out {
 			j.Outputs[i] = schema.Output(x)
 		}
+	}
+	if r.Requirements.Valid && r.Requirements.String != "" {
+		var req schema.Requirements
+		if err := json.Unmarshal([]byte(r.Requirements.String), &req); err != nil {
+			return nil, fmt.Errorf("job %s: decode requirements: %w", r.ID, err)
+		}
+		j.Requirements = &req
 	}
 	if r.Progress.Valid {
 		var p schema.Progress

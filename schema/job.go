@@ -60,6 +60,7 @@ type Job struct {
 	Template        string          `json:"template,omitempty"` // "name@version"; empty for a raw workflow
 	Metadata        json.RawMessage `json:"metadata,omitempty"`
 	Inputs          []JobInput      `json:"-"`
+	Requirements    *Requirements   `json:"requirements,omitempty"`
 	Node            string          `json:"node"` // "" until dispatched
 	PromptID        string          `json:"-"`
 	Attempts        int             `json:"attempts"`

@@ -77,6 +77,13 @@ type NodeView struct {
 	Inflight       int        `json:"inflight"`
 	CurrentJob     string     `json:"current_job"`
 	ModelsLoaded   []string   `json:"models_loaded"`
-	JobsDone       int64      `json:"jobs_done"`
-	JobsFailed     int64      `json:"jobs_failed"`
+	// Catalogue counts, from the node's /object_info (0 until it is read):
+	// checkpoint and LoRA files, and custom node packs (distinct python
+	// modules of classes outside ComfyUI's own nodes).
+	Checkpoints     int        `json:"checkpoints"`
+	Loras           int        `json:"loras"`
+	CustomNodePacks int        `json:"custom_node_packs"`
+	CatalogueAt     *time.Time `json:"catalogue_at"` // when the catalogue was last read
+	JobsDone        int64      `json:"jobs_done"`
+	JobsFailed      int64      `json:"jobs_failed"`
 }

@@ -16,8 +16,9 @@ type SubmitParams struct {
 	Inputs         []InputFile
 	// Template is the "name@version" the workflow was expanded from; empty
 	// for a raw workflow.
-	Template   string
-	WebhookURL string // checked against webhooks.allow by the server
+	Template     string
+	WebhookURL   string        // checked against webhooks.allow by the server
+	Requirements *Requirements // nodes the job may run on; nil: any
 }
 
 // MaxMetadataBytes caps a job's metadata (contract: 16 KiB).

@@ -108,7 +108,10 @@ func classify(err error) *apiError {
 		}
 		e := &apiError{Status: s.status, Code: s.code, Message: s.message, cause: err}
 		var ice *schema.InsufficientCreditsError
-		if errors.As(err, &ice) {
+		var nne *schema.NoNodeError
+		if errors.As(err, &nne) {
+			e.Details = nne.Details()
+		} else if errors.As(err, &ice) {
 			e.with("balance", ice.Balance).with("cost", -ice.Change)
 		} else if r := reasonAfter(err, s.err); s.reason && r != "" {
 			e.with("reason", r)

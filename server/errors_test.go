@@ -2,6 +2,8 @@ package server
 
 import (
 	"fmt"
+	"net/http"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -72,4 +74,22 @@ func TestErrorChainsStayInTheLog(t *testing.T) {
 			t.Fatalf("the chains are not in the log:\n%s", logs)
 		}
 	})
+}
+
+// A submit no node can run is 503 no_node, and the details name what is
+// missing: the values by input name, or the requirement nobody meets.
+func TestClassifyNoNodeDetails(t *testing.T) {
+	err := fmt.Errorf("submit: %w", &schema.NoNodeError{Reason: "no node offers ckpt_name flux-dev.safetensors",
+		Missing: map[string][]string{"ckpt_name": {"flux-dev.safetensors"}}})
+	e := classify(err)
+	if e.Status != http.StatusServiceUnavailable || e.Code != "no_node" {
+		t.Fatalf("%d %s", e.Status, e.Code)
+	}
+	if got := e.Details["missing"]; !reflect.DeepEqual(got, map[string][]string{"ckpt_name": {"flux-dev.safetensors"}}) {
+		t.Errorf("details.missing = %v", got)
+	}
+	e = classify(&schema.NoNodeError{Reason: "no registered node meets the requirements", Requirements: &schema.Requirements{Tags: []string{"sdxl"}}})
+	if e.Details["requirements"] == nil || e.Details["reason"] == nil {
+		t.Errorf("details = %v", e.Details)
+	}
 }

@@ -45,6 +45,8 @@ type submitBody struct {
 	ExtraData json.RawMessage `json:"extra_data"`
 	// WebhookURL overrides the frontend's webhook address for this job.
 	WebhookURL string `json:"webhook_url"`
+	// Requirements narrow the nodes the job may run on.
+	Requirements *schema.Requirements `json:"requirements"`
 }
 
 // promptUser owns the jobs of a ComfyUI-shaped body that names no user.
@@ -105,6 +107,11 @@ func (b *submitBody) validate() error {
 	} else {
 		b.Metadata = nil
 	}
+	req, err := b.Requirements.Check()
+	if err != nil {
+		return err
+	}
+	b.Requirements = req
 	return nil
 }
 
@@ -182,6 +189,7 @@ func (s *Server) jobSubmit(c *fiber.Ctx) error {
 		Inputs:         inputs,
 		Template:       ref,
 		WebhookURL:     b.WebhookURL,
+		Requirements:   b.Requirements,
 	})
 	if err != nil {
 		return err
@@ -248,6 +256,12 @@ func (s *Server) decodeMultipartSubmit(c *fiber.Ctx, b *submitBody) ([]schema.In
 			b.ClientID = v
 		case "webhook_url":
 			b.WebhookURL = v
+		case "requirements":
+			var req schema.Requirements
+			if err := decodeJSONBytes([]byte(v), &req); err != nil {
+				return nil, err
+			}
+			b.Requirements = &req
 		case "priority":
 			p, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil {

@@ -308,6 +308,7 @@ func (s *Server) routes() {
 	api.Post("/nodes/:name/drain", key, admin, s.nodeDrain)
 	api.Post("/nodes/:name/probe", key, admin, s.nodeProbe)
 	api.Post("/probe", key, admin, s.probe)
+	api.Get("/models", key, admin, s.modelList)
 	api.Get("/dashboard", key, admin, s.dashboardData)
 	api.Get("/dashboard/jobs", key, admin, s.dashboardJobs)
 	api.Get("/dashboard/samples", key, admin, s.dashboardSamples)

@@ -211,6 +211,9 @@ type LimitsConfig struct {
 type ProbeConfig struct {
 	Timeout time.Duration `yaml:"timeout"`
 	Allow   []string      `yaml:"allow"`
+	// CatalogueInterval is how often each node's /object_info (classes and
+	// the choices of enum inputs: model files, input images) is read again.
+	CatalogueInterval time.Duration `yaml:"catalogue_interval"`
 }
 
 // EventsConfig tunes the job event streams.
@@ -701,6 +704,7 @@ func (c *Config) Validate() error {
 	}
 
 	positive("probe.timeout", c.Probe.Timeout)
+	positive("probe.catalogue_interval", c.Probe.CatalogueInterval)
 	for i, p := range c.Server.TrustedProxies {
 		if _, err := netip.ParsePrefix(p); err != nil {
 			if _, err := netip.ParseAddr(p); err != nil {

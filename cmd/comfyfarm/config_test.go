@@ -59,6 +59,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"limits", cfg.Limits, LimitsConfig{MaxBodyMB: 32, MaxUploadMB: 20, MaxImagePixels: 50_000_000, MaxGraphNodes: 1000,
 			RatePerMinute: 600, SubmitPerMinute: 120, MaxStreamsPerKey: 2000, MaxStreams: 20000}},
 		{"probe.timeout", cfg.Probe.Timeout, 3 * time.Second},
+		{"probe.catalogue_interval", cfg.Probe.CatalogueInterval, 5 * time.Minute},
 		{"events.keepalive", cfg.Events.KeepAlive, 15 * time.Second},
 		{"events.token_ttl", cfg.Events.TokenTTL, time.Hour},
 		{"log", cfg.Log, LogConfig{Level: "info", Format: "text"}},

@@ -33,15 +33,16 @@ func (a *app) openFarm(ctx context.Context) error {
 		}
 	}
 	farm := dispatch.NewFarm(dispatch.FarmConfig{
-		InstanceID:     cfg.Scheduler.InstanceID,
-		MaxAttempts:    cfg.Scheduler.MaxAttempts,
-		StallTimeout:   cfg.Scheduler.StallTimeout,
-		JobTimeout:     cfg.Scheduler.JobTimeout,
-		MaxInputBytes:  int64(cfg.Limits.MaxUploadMB) << 20,
-		MaxImagePixels: cfg.Limits.MaxImagePixels,
-		MaxGraphNodes:  cfg.Limits.MaxGraphNodes,
-		Weights:        weights,
-		Logger:         a.log,
+		InstanceID:        cfg.Scheduler.InstanceID,
+		MaxAttempts:       cfg.Scheduler.MaxAttempts,
+		StallTimeout:      cfg.Scheduler.StallTimeout,
+		JobTimeout:        cfg.Scheduler.JobTimeout,
+		MaxInputBytes:     int64(cfg.Limits.MaxUploadMB) << 20,
+		MaxImagePixels:    cfg.Limits.MaxImagePixels,
+		MaxGraphNodes:     cfg.Limits.MaxGraphNodes,
+		CatalogueInterval: cfg.Probe.CatalogueInterval,
+		Weights:           weights,
+		Logger:            a.log,
 	}, store, a.registry, a.store, nodes)
 	for _, c := range append(nodes.Collectors(), farm.Collectors()...) {
 		if err := a.metrics.Register(c); err != nil {

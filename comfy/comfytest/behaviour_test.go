@@ -503,3 +503,39 @@ func TestNoClientIDPromptBroadcastsOnlyWhatComfyUIBroadcasts(t *testing.T) {
 		t.Errorf("watcher saw %v", seen)
 	}
 }
+
+// Model lists change without a restart, as files copied into a model folder
+// do: /object_info offers the new list and validation checks against it,
+// answering a name no longer there with value_not_in_list "Value not in list".
+func TestSetCheckpoints(t *testing.T) {
+	s := newTestServer(t, Options{Checkpoints: []string{"a.safetensors"}, Loras: []string{}})
+	prompt := func(ckpt string) (int, string) {
+		status, _, body := call(t, "POST", s.URL()+"/prompt",
+			`{"prompt": `+strings.Replace(sdPrompt(1, 2, "x"), `v1-5-pruned-emaonly.safetensors`, ckpt, 1)+`}`)
+		return status, string(body)
+	}
+	choices := func() string {
+		_, _, body := call(t, "GET", s.URL()+"/object_info/CheckpointLoaderSimple", "")
+		return string(body)
+	}
+	if status, body := prompt("b.safetensors"); status != 400 || !strings.Contains(body, `"value_not_in_list"`) || !strings.Contains(body, `"Value not in list"`) {
+		t.Fatalf("unknown checkpoint: %d %s", status, body)
+	}
+	s.SetCheckpoints("a.safetensors", "b.safetensors")
+	if body := choices(); !strings.Contains(body, `"b.safetensors"`) {
+		t.Fatalf("object_info after SetCheckpoints: %s", body)
+	}
+	if status, body := prompt("b.safetensors"); status != 200 {
+		t.Fatalf("checkpoint added: %d %s", status, body)
+	}
+	s.SetCheckpoints("b.safetensors")
+	if status, body := prompt("a.safetensors"); status != 400 || !strings.Contains(body, "value_not_in_list") {
+		t.Fatalf("checkpoint removed: %d %s", status, body)
+	}
+	if body := choices(); strings.Contains(body, `"a.safetensors"`) {
+		t.Fatalf("object_info still lists a removed checkpoint: %s", body)
+	}
+	if got := s.Loras(); len(got) != 0 {
+		t.Errorf("loras %v, want none as configured", got)
+	}
+}

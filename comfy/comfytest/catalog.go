@@ -159,9 +159,9 @@ func parseClass(name string, info *obj) (*nodeClass, error) {
 		nc.validate = []string{"image"}
 		nc.input("image").dynamic = func(in *instance) []any { return in.srv.files.imageList(kindInput) }
 	case "CheckpointLoaderSimple":
-		nc.input("ckpt_name").dynamic = func(in *instance) []any { return sortedAny(in.srv.opts.Checkpoints) }
+		nc.input("ckpt_name").dynamic = func(in *instance) []any { return sortedAny(in.srv.Checkpoints()) }
 	case "LoraLoader":
-		nc.input("lora_name").dynamic = func(in *instance) []any { return sortedAny(in.srv.opts.Loras) }
+		nc.input("lora_name").dynamic = func(in *instance) []any { return sortedAny(in.srv.Loras()) }
 	}
 	return nc, nil
 }

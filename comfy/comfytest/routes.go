@@ -1000,10 +1000,10 @@ func (in *instance) getModels(w http.ResponseWriter, _ *http.Request, _ string) 
 func (in *instance) getModelFolder(w http.ResponseWriter, _ *http.Request, folder string) {
 	switch folder {
 	case "checkpoints":
-		writeJSONResponse(w, 200, sortedAny(in.srv.opts.Checkpoints))
+		writeJSONResponse(w, 200, sortedAny(in.srv.Checkpoints()))
 		return
 	case "loras":
-		writeJSONResponse(w, 200, sortedAny(in.srv.opts.Loras))
+		writeJSONResponse(w, 200, sortedAny(in.srv.Loras()))
 		return
 	}
 	for _, f := range modelFolders {

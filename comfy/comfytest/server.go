@@ -8,6 +8,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -38,6 +39,10 @@ type Server struct {
 	unhung chan struct{} // closed while not hung
 
 	slow atomic.Int64
+
+	modelsMu    sync.Mutex
+	checkpoints []string // as configured, then as SetCheckpoints left them
+	loras       []string
 
 	vclock *atomic.Int64 // virtual time in ns since the epoch, nil for wall time
 }
@@ -129,7 +134,8 @@ func start(opts Options) (*Server, error) {
 	if cat == nil {
 		return nil, fmt.Errorf("unknown generation %d", opts.Generation)
 	}
-	s := &Server{opts: opts, cat: cat, files: newFileStore(), unhung: make(chan struct{})}
+	s := &Server{opts: opts, cat: cat, files: newFileStore(), unhung: make(chan struct{}),
+		checkpoints: slices.Clone(opts.Checkpoints), loras: slices.Clone(opts.Loras)}
 	close(s.unhung)
 	if opts.virtualTime {
 		s.vclock = new(atomic.Int64)
@@ -448,4 +454,35 @@ func (in *instance) step(what string) error {
 		return in.ctx.Err()
 	}
 	return g.step(in.ctx, what)
+}
+
+// Checkpoints lists the names CheckpointLoaderSimple accepts now: what
+// /object_info offers and what validation checks ckpt_name against.
+func (s *Server) Checkpoints() []string {
+	s.modelsMu.Lock()
+	defer s.modelsMu.Unlock()
+	return slices.Clone(s.checkpoints)
+}
+
+// SetCheckpoints replaces the checkpoint files, as copying files into or out
+// of models/checkpoints does on a real server: the next /object_info and the
+// next prompt see them, without a restart.
+func (s *Server) SetCheckpoints(names ...string) {
+	s.modelsMu.Lock()
+	s.checkpoints = slices.Clone(names)
+	s.modelsMu.Unlock()
+}
+
+// Loras lists the names LoraLoader accepts now.
+func (s *Server) Loras() []string {
+	s.modelsMu.Lock()
+	defer s.modelsMu.Unlock()
+	return slices.Clone(s.loras)
+}
+
+// SetLoras replaces the LoRA files (see SetCheckpoints).
+func (s *Server) SetLoras(names ...string) {
+	s.modelsMu.Lock()
+	s.loras = slices.Clone(names)
+	s.modelsMu.Unlock()
 }

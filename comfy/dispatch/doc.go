@@ -63,11 +63,33 @@
 // Queued jobs are kept in memory (loaded from the database at start) in a
 // fairQueue: smooth weighted round robin across frontends, priority then FIFO
 // within one. When a node slot is free, the first job in that order that a
-// free node can run (node up, not draining, under max_inflight, offering every
-// class type of the graph) is claimed, and sent to the best of those nodes:
-// the one with the graph's models already loaded, then the least loaded, then
-// the one that got work the longest ago. The same order gives every queued
-// job its position, pushed to subscribers as queued events when it changes.
+// free node can run (node up, not draining, under max_inflight, meeting the
+// job's requirements, offering every class type and every enum value of the
+// graph) is claimed, and sent to the best of those nodes: the one with the
+// graph's models already loaded, then the least loaded, then the one that got
+// work the longest ago. The same order gives every queued job its position,
+// pushed to subscribers as queued events when it changes: the number of jobs
+// planned before it whose eligible nodes overlap its own (jobs that can run on
+// disjoint sets of nodes do not wait for each other).
+//
+// # Placement
+//
+// Each runner reads its node's /object_info into a catalogue: the classes,
+// and for every input whose type is a list of choices (model files, input
+// images, samplers) the values the node accepts. Catalogues are shared
+// between nodes with the same object_info (keyed by a hash of it), and
+// identical choice lists between catalogues. A job may run on a node when
+// every literal string input of its graph that the node lists as a choice
+// holds one of the node's values (LoadImage inputs naming an upload of the
+// job are exempt: dispatch uploads them), every class is offered, the node
+// has every tag of requirements.tags and at least requirements.min_vram_gb of
+// GPU memory. Catalogues are read again on a reconnect, on an operator's
+// probe, every CatalogueInterval, and, at most every 30 s per node, when a
+// submit names a value no up node offers (before refusing it with a
+// schema.NoNodeError naming the missing values). A node that refuses a prompt
+// with value_not_in_list only has its catalogue read again; when it no longer
+// offers the value the job goes back to the queue with its attempt given
+// back, avoiding that node.
 //
 // # Following nodes
 //

@@ -22,35 +22,39 @@ import (
 
 // FarmConfig tunes the farm. Zero values take the defaults of DefaultFarmConfig.
 type FarmConfig struct {
-	InstanceID     string         // lease owner; random when empty
-	MaxAttempts    int            // scheduler.max_attempts
-	StallTimeout   time.Duration  // no event and no sign of the prompt on the node for this long: reconcile, then requeue
-	JobTimeout     time.Duration  // a job running longer is interrupted and failed
-	Lease          time.Duration  // lease of an active job, extended by a heartbeat
-	ReconcileEvery time.Duration  // how often active jobs without recent events are checked on their node
-	HistoryWait    time.Duration  // how long completion waits for the history entry
-	MaxOutputBytes int64          // per output file
-	MaxInputBytes  int64          // per input image
-	MaxImagePixels int64          // per input image, read from its header
-	MaxGraphNodes  int            // per workflow
-	Weights        map[string]int // frontend -> weight for fair scheduling
-	Logger         *slog.Logger
-	NowFunc        func() time.Time
+	InstanceID     string        // lease owner; random when empty
+	MaxAttempts    int           // scheduler.max_attempts
+	StallTimeout   time.Duration // no event and no sign of the prompt on the node for this long: reconcile, then requeue
+	JobTimeout     time.Duration // a job running longer is interrupted and failed
+	Lease          time.Duration // lease of an active job, extended by a heartbeat
+	ReconcileEvery time.Duration // how often active jobs without recent events are checked on their node
+	HistoryWait    time.Duration // how long completion waits for the history entry
+	MaxOutputBytes int64         // per output file
+	MaxInputBytes  int64         // per input image
+	MaxImagePixels int64         // per input image, read from its header
+	MaxGraphNodes  int           // per workflow
+	// CatalogueInterval is how often each node's catalogue (/object_info) is
+	// read again (probe.catalogue_interval).
+	CatalogueInterval time.Duration
+	Weights           map[string]int // frontend -> weight for fair scheduling
+	Logger            *slog.Logger
+	NowFunc           func() time.Time
 }
 
 // DefaultFarmConfig is the configuration of DESIGN §5.
 func DefaultFarmConfig() FarmConfig {
 	return FarmConfig{
-		MaxAttempts:    3,
-		StallTimeout:   120 * time.Second,
-		JobTimeout:     30 * time.Minute,
-		Lease:          60 * time.Second,
-		ReconcileEvery: 5 * time.Second,
-		HistoryWait:    30 * time.Second,
-		MaxOutputBytes: 512 << 20,
-		MaxInputBytes:  20 << 20,
-		MaxImagePixels: 50_000_000,
-		MaxGraphNodes:  2000,
+		MaxAttempts:       3,
+		StallTimeout:      120 * time.Second,
+		JobTimeout:        30 * time.Minute,
+		Lease:             60 * time.Second,
+		ReconcileEvery:    5 * time.Second,
+		HistoryWait:       30 * time.Second,
+		MaxOutputBytes:    512 << 20,
+		MaxInputBytes:     20 << 20,
+		MaxImagePixels:    50_000_000,
+		MaxGraphNodes:     2000,
+		CatalogueInterval: 5 * time.Minute,
 	}
 }
 
@@ -66,6 +70,7 @@ func (c *FarmConfig) fill() {
 	orDefault(&c.MaxInputBytes, d.MaxInputBytes)
 	orDefault(&c.MaxImagePixels, d.MaxImagePixels)
 	orDefault(&c.MaxGraphNodes, d.MaxGraphNodes)
+	orDefault(&c.CatalogueInterval, d.CatalogueInterval)
 	if c.InstanceID == "" {
 		// Stable across restarts on one host, so that a restarted process
 		// recognises the leases of the jobs it was following.
@@ -127,10 +132,17 @@ type Farm struct {
 	metrics   *farmMetrics
 	log       *slog.Logger
 	tally     nodeTally // jobs finished per node, for node views
+	cats      *catalogueCache
+
+	emu     sync.Mutex // guards enums
+	enums   *enumIndex
+	enumGen uint64
 
 	mu        sync.Mutex // guards the queue and positions; taken before rmu
 	queue     *fairQueue
 	positions map[string]int // last published position per queued job
+	sigIDs    map[string]int // placement signatures numbered, for the enum index sigGen
+	sigGen    uint64
 	// unrunnable: since when a queued job has needed a class no node offers.
 	unrunnable map[string]time.Time
 	rr         uint64 // round robin tie-break among equally good nodes
@@ -166,6 +178,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		metrics:    newFarmMetrics(),
 		log:        cfg.Logger.With("component", "farm"),
 		queue:      newFairQueue(cfg.Weights),
+		cats:       newCatalogueCache(),
 		positions:  make(map[string]int),
 		unrunnable: make(map[string]time.Time),
 		leased:     make(map[string]bool),
@@ -349,30 +362,16 @@ func (f *Farm) schedule(ctx context.Context) {
 // pickLocked finds the first job in plan order that some free node can run,
 // and the best such node for it.
 func (f *Farm) pickLocked() (*pendingJob, string) {
-	type cand struct {
-		name  string
-		r     *runner
-		limit int
-	}
-	var free, up []cand
-	for name, r := range f.runnerList() {
-		view, ok := f.nodes.Get(name)
-		if !ok || view.State != schema.NodeUp {
+	var free, up []nodeFacts
+	for _, nf := range f.facts() {
+		if !nf.up {
 			continue
 		}
-		n, _ := f.nodes.Node(name)
-		limit := n.MaxInflight
-		if limit <= 0 {
-			limit = 1
-		}
-		if n.Drain {
+		up = append(up, nf)
+		if nf.r.inflight() >= nf.limit {
 			continue
 		}
-		up = append(up, cand{name, r, limit})
-		if r.inflight() >= limit {
-			continue
-		}
-		free = append(free, cand{name, r, limit})
+		free = append(free, nf)
 	}
 	if len(free) == 0 {
 		return nil, ""
@@ -381,7 +380,7 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 	// can run it: then pj waits for such a node rather than go back.
 	elsewhere := func(pj *pendingJob) bool {
 		for _, c := range up {
-			if !slices.Contains(pj.Avoid, c.name) && c.r.canRun(pj.Classes) {
+			if !slices.Contains(pj.Avoid, c.name) && c.qualifies(pj) {
 				return true
 			}
 		}
@@ -391,7 +390,7 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 		best, bestScore := "", -1.0
 		avoidSome := len(pj.Avoid) > 0 && elsewhere(pj)
 		for _, c := range free {
-			if !c.r.canRun(pj.Classes) {
+			if !c.qualifies(pj) {
 				continue
 			}
 			if avoidSome && slices.Contains(pj.Avoid, c.name) {
@@ -418,7 +417,9 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 // publishPositionsLocked pushes a queued event to every job whose position
 // changed since it was last told.
 func (f *Farm) publishPositionsLocked(dispatched ...string) {
-	for p, pj := range f.queue.Plan() {
+	plan, positions := f.planPositionsLocked()
+	for i, pj := range plan {
+		p := positions[i]
 		if old, ok := f.positions[pj.ID]; ok && old == p {
 			continue
 		}
@@ -445,7 +446,12 @@ func (f *Farm) position(id string) (int, bool) {
 	p, ok := f.positions[id]
 	if !ok {
 		if f.queue.Has(id) {
-			p, ok = f.queue.Positions()[id], true
+			plan, all := f.planPositionsLocked()
+			for i, pj := range plan {
+				if pj.ID == id {
+					p, ok = all[i], true
+				}
+			}
 		}
 	}
 	return p, ok

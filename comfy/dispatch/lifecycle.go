@@ -170,6 +170,7 @@ const (
 	requeuePlain     requeueKind = iota // the node went away, was removed, or someone interrupted it
 	requeueNodeFault                    // the node failed the job: counts against it
 	requeueUnposted                     // the job never reached the node: the attempt is given back
+	requeueStale                        // the node lacks a value its old catalogue listed: placed again, the attempt given back
 )
 
 func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason string, kind requeueKind) {
@@ -182,6 +183,8 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 		r.mu.Unlock()
 		if kind == requeueNodeFault {
 			f.nodes.JobFailed(r.name, reason)
+		}
+		if kind == requeueNodeFault || kind == requeueStale {
 			if !slices.Contains(avoid, r.name) {
 				avoid = append(slices.Clone(avoid), r.name)
 			}
@@ -204,7 +207,7 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 		return
 	}
 	attempts := job.Attempts
-	if kind == requeueUnposted && attempts > 0 {
+	if (kind == requeueUnposted || kind == requeueStale) && attempts > 0 {
 		attempts-- // nothing ran: the next claim takes the same attempt again
 	} else if job.Attempts >= f.cfg.MaxAttempts {
 		f.finishFailed(ctx, r, jobRef{ref.id, job.Attempts}, &schema.JobError{Code: schema.CodeNodeLost, Message: "gave up after " +
@@ -225,7 +228,7 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 		return
 	}
 	f.log.Info("job requeued", "job_id", ref.id, "attempts", job.Attempts, "reason", reason, "node_fault", kind == requeueNodeFault)
-	if kind != requeueUnposted {
+	if kind != requeueUnposted && kind != requeueStale {
 		f.metrics.requeued.Inc()
 	}
 	f.requeued(job, avoid...)
@@ -482,6 +485,10 @@ func (f *Farm) runtime(name string) Runtime {
 	}
 	if r.current != nil {
 		rt.CurrentJob = r.current.jobID
+	}
+	if c := r.cat; c != nil {
+		at := r.catAt.UTC()
+		rt.Checkpoints, rt.Loras, rt.CustomNodePacks, rt.CatalogueAt = c.checkpoints, c.loras, c.packs, &at
 	}
 	if rt.ModelsLoaded == nil {
 		rt.ModelsLoaded = []string{}

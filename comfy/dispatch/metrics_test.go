@@ -3,7 +3,6 @@ package dispatch
 import (
 	"context"
 	"encoding/json"
-	"strings"
 	"testing"
 	"time"
 
@@ -65,7 +64,7 @@ func TestFarmMetricsAfterMixedJobs(t *testing.T) {
  "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
  "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 31, "sigma": 1.0}},
  "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}`)
-	refused := json.RawMessage(strings.Replace(string(sdGraph(ckptXL, 2, 1)), `"euler"`, `"no-such-sampler"`, 1))
+	refused := sdGraph(ckptXL, 0, 1) // steps below the minimum: the node refuses it
 	previewOnly := json.RawMessage(`{
  "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
  "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}`)

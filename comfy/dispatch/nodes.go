@@ -96,6 +96,9 @@ type Runtime struct {
 	ModelsLoaded []string
 	JobsDone     int64
 	JobsFailed   int64
+	// Catalogue counts (see schema.NodeView); CatalogueAt nil until read.
+	Checkpoints, Loras, CustomNodePacks int
+	CatalogueAt                         *time.Time
 }
 
 // NodeChange tells subscribers that a node was added, removed, drained or
@@ -598,6 +601,7 @@ func (n *Nodes) fillRuntime(v *schema.NodeView) {
 	}
 	rt := (*f)(v.Name)
 	v.Inflight, v.CurrentJob, v.JobsDone, v.JobsFailed = rt.Inflight, rt.CurrentJob, rt.JobsDone, rt.JobsFailed
+	v.Checkpoints, v.Loras, v.CustomNodePacks, v.CatalogueAt = rt.Checkpoints, rt.Loras, rt.CustomNodePacks, rt.CatalogueAt
 	if rt.ModelsLoaded != nil {
 		v.ModelsLoaded = slices.Clone(rt.ModelsLoaded)
 	}

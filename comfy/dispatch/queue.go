@@ -3,6 +3,8 @@ package dispatch
 import (
 	"sort"
 	"time"
+
+	"github.com/comfyfarm/comfyfarm/schema"
 )
 
 // pendingJob is what the scheduler keeps in memory about a queued job.
@@ -14,6 +16,11 @@ type pendingJob struct {
 	Classes  []string // class types of the graph
 	Models   []string // checkpoints and other model files it loads
 	Avoid    []string // nodes it failed on for reasons of theirs: placed elsewhere when another node can run it
+	Needs    []need   // literal string inputs: a node listing one as an enum input must offer the value
+	Req      *schema.Requirements
+
+	sigID  int    // placement signature (see Farm.sigIDLocked)
+	sigGen uint64 // the enum index generation sigID is for, plus one; 0: none yet
 }
 
 // before orders jobs of one frontend: priority first, then FIFO.

@@ -35,7 +35,10 @@ type runner struct {
 	gone        []string                 // prompt ids recently forgotten, newest last
 	reconciling sync.Mutex               // one reconcile at a time
 	current     *active                  // the prompt the node executes now, if known
-	classes     map[string]bool          // nil: not known yet
+	cat         *catalogue               // nil: not known yet
+	catAt       time.Time                // when cat was read
+	catTried    time.Time                // when a refresh for a missing value last asked the node
+	learning    sync.Mutex               // one catalogue read at a time
 	features    *comfy.Features
 	models      []string // models of recent runs, newest last
 	last        uint64
@@ -137,7 +140,7 @@ func (r *runner) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if !r.classesKnown() {
+			if age, ok := r.catalogueAge(); !ok || age >= r.farm.cfg.CatalogueInterval {
 				r.learn(ctx)
 			}
 			r.reconcile(ctx, false)
@@ -145,58 +148,64 @@ func (r *runner) run(ctx context.Context) {
 	}
 }
 
-// learn reads the node's features and class catalogue, once it answers.
-// The catalogue says which classes the node offers and which are output
-// nodes (custom nodes included).
-func (r *runner) learn(ctx context.Context) {
+// learn reads the node's features and catalogue, once it answers. The
+// catalogue says which classes the node offers, which are output nodes
+// (custom nodes included), and the choices of every enum input (model
+// files, input images, samplers...). It reports whether it read them.
+func (r *runner) learn(ctx context.Context) bool {
+	r.learning.Lock()
+	defer r.learning.Unlock()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	feats, err := r.client.Features(cctx)
 	if err != nil {
-		return
+		return false
 	}
 	info, err := r.client.ObjectInfo(cctx)
 	if err != nil {
-		return
+		return false
 	}
-	set := make(map[string]bool, len(info))
-	for name, ci := range info {
-		set[name] = ci.OutputNode
-	}
+	cat := r.farm.cats.build(info, r.farm.liveCatalogues(r))
 	r.mu.Lock()
-	r.features, r.classes = feats, set
+	r.features, r.cat, r.catAt = feats, cat, r.farm.cfg.NowFunc()
 	r.mu.Unlock()
-	r.farm.kickScheduler()
-}
-
-func (r *runner) classesKnown() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.classes != nil
-}
-
-// canRun reports whether the node offers every class type; a node whose
-// catalogue is not known yet is given the benefit of the doubt only when it
-// has answered nothing at all, so that validation at the node catches it.
-func (r *runner) canRun(classes []string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.classes == nil {
-		return true
-	}
-	for _, c := range classes {
-		if _, ok := r.classes[c]; !ok {
-			return false
-		}
-	}
+	r.farm.placementChanged()
 	return true
 }
 
-// knownClasses returns the node's catalogue, or nil when unknown.
-func (r *runner) knownClasses() map[string]bool {
+// catalogueAge is how long ago the catalogue was read; ok is false when it
+// never was.
+func (r *runner) catalogueAge() (age time.Duration, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.classes
+	if r.cat == nil {
+		return 0, false
+	}
+	return r.farm.cfg.NowFunc().Sub(r.catAt), true
+}
+
+// catalogue returns the node's catalogue, or nil when unknown.
+func (r *runner) catalogue() *catalogue {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cat
+}
+
+// canRun reports whether the node offers every class type and every enum
+// value of the job; a node whose catalogue is not known yet is given the
+// benefit of the doubt only when it has answered nothing at all, so that
+// validation at the node catches it.
+func (r *runner) canRun(pj *pendingJob) bool {
+	c := r.catalogue()
+	return c == nil || c.allows(pj.Classes, pj.Needs)
+}
+
+// knownClasses returns the node's classes, or nil when unknown.
+func (r *runner) knownClasses() map[string]bool {
+	if c := r.catalogue(); c != nil {
+		return c.classes
+	}
+	return nil
 }
 
 func (r *runner) inflight() int {
@@ -416,6 +425,14 @@ func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error)
 	var aerr *comfy.APIError
 	var gerr *comfy.GraphError
 	switch {
+	case errors.As(err, &verr) && r.staleCatalogue(ctx, job, verr):
+		// The node's catalogue listed a value it no longer has: not the
+		// workflow's fault. Read it again and place the job again.
+		r.log.Info("node lacks a value its catalogue listed, placing the job again", "job_id", job.ID, "err", verr)
+		r.farm.requeueJob(ctx, r, jobRef{job.ID, job.Attempts}, "stale catalogue: "+verr.Error(), requeueStale)
+		if pj, err := pendingFromJob(job, r.farm.cfg.MaxGraphNodes); err == nil {
+			r.farm.refreshForStale(ctx, pj, r.name)
+		}
 	case errors.As(err, &verr):
 		jerr := &schema.JobError{Code: schema.CodeValidationFailed, Message: verr.Error(), Details: validationDetails(verr)}
 		for id, ne := range verr.NodeErrors {
@@ -451,6 +468,32 @@ func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error)
 			r.farm.requeue(ctx, r, ref, err.Error())
 		}
 	}
+}
+
+// staleCatalogue reports whether a validation failure is the node's
+// catalogue gone stale: every error is value_not_in_list, and once the
+// catalogue is read again the node no longer offers what the job needs. A
+// node that still lists the values it refused is taken at its word: the
+// workflow fails, rather than go round for ever.
+func (r *runner) staleCatalogue(ctx context.Context, job *schema.Job, verr *comfy.ValidationError) bool {
+	if len(verr.NodeErrors) == 0 {
+		return false
+	}
+	for _, ne := range verr.NodeErrors {
+		if len(ne.Errors) == 0 {
+			return false
+		}
+		for _, it := range ne.Errors {
+			if it.Type != "value_not_in_list" {
+				return false
+			}
+		}
+	}
+	pj, err := pendingFromJob(job, r.farm.cfg.MaxGraphNodes)
+	if err != nil || !r.learn(ctx) {
+		return false
+	}
+	return !r.canRun(pj)
 }
 
 // nodeError marks a failure of a request to the node (as opposed to one of

@@ -28,9 +28,13 @@ func pendingFromJob(j *schema.Job, maxNodes int) (*pendingJob, error) {
 	if err != nil {
 		return nil, err
 	}
+	uploads := make([]string, len(j.Inputs))
+	for i, in := range j.Inputs {
+		uploads[i] = in.Filename
+	}
 	return &pendingJob{
 		ID: j.ID, Frontend: j.Frontend, Priority: j.Priority, Created: j.CreatedAt,
-		Classes: g.ClassTypes(), Models: g.Models(),
+		Classes: g.ClassTypes(), Models: g.Models(), Needs: needsOf(g, uploads), Req: j.Requirements,
 	}, nil
 }
 
@@ -72,8 +76,20 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		return nil, schema.Invalid("workflow", "has no output node (SaveImage or similar)")
 	}
 	if missing := f.missingClasses(g.ClassTypes()); len(missing) > 0 {
-		return nil, fmt.Errorf("%w: no node offers all of its node classes; the closest lacks %s", schema.ErrNoNode, strings.Join(missing, ", "))
+		return nil, &schema.NoNodeError{
+			Reason:  "no node offers all of its node classes; the closest lacks " + strings.Join(missing, ", "),
+			Classes: missing,
+		}
 	}
+	req, err := p.Requirements.Check()
+	if err != nil {
+		return nil, err
+	}
+	uploads := make([]string, len(p.Inputs))
+	for i, in := range p.Inputs {
+		uploads[i] = in.Filename
+	}
+	probe := &pendingJob{Classes: g.ClassTypes(), Needs: needsOf(g, uploads), Req: req}
 	if p.IdempotencyKey != "" {
 		if len(p.IdempotencyKey) > 128 {
 			return nil, schema.Invalid("Idempotency-Key", "must be at most 128 characters")
@@ -82,6 +98,11 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 			return f.replay(ctx, prev, p)
 		}
 	}
+	// After the replay: a retried submit gets its job even when the nodes
+	// changed since.
+	if err := f.checkPlacement(ctx, probe); err != nil {
+		return nil, err
+	}
 
 	id := ulid.Make().String()
 	now := f.cfg.NowFunc().UTC()
@@ -89,7 +110,8 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		ID: id, Frontend: p.Frontend, UserID: p.UserID, State: schema.JobQueued, Priority: p.Priority,
 		Workflow: p.Workflow, Template: p.Template, Metadata: meta, IdempotencyKey: p.IdempotencyKey,
 		CreatedAt: now, UpdatedAt: now,
-		WebhookURL: p.WebhookURL,
+		WebhookURL:   p.WebhookURL,
+		Requirements: req,
 	}
 	if err := f.storeInputs(ctx, job, g, p.Inputs); err != nil {
 		return nil, err
@@ -149,7 +171,8 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 	}
 	f.metrics.submitted.WithLabelValues(p.Frontend).Inc()
 	f.mu.Lock()
-	f.queue.Push(&pendingJob{ID: id, Frontend: p.Frontend, Priority: p.Priority, Created: now, Classes: g.ClassTypes(), Models: g.Models()})
+	f.queue.Push(&pendingJob{ID: id, Frontend: p.Frontend, Priority: p.Priority, Created: now, Classes: probe.Classes,
+		Models: g.Models(), Needs: probe.Needs, Req: req})
 	f.publishPositionsLocked()
 	f.mu.Unlock()
 	f.kickScheduler()
@@ -568,6 +591,13 @@ func (f *Farm) NodeProbe(ctx context.Context, name string) (*schema.NodeView, er
 	v, err := f.nodes.ProbeNow(ctx, name)
 	if err != nil {
 		return nil, err
+	}
+	// An operator probes after changing a node (models copied, custom
+	// nodes installed): its catalogue is read again too.
+	if r := f.runner(name); r != nil && v.ComfyOK && r.learn(ctx) {
+		if nv, ok := f.nodes.Get(name); ok {
+			v = nv
+		}
 	}
 	f.kickScheduler()
 	return &v, nil

@@ -22,6 +22,10 @@ import (
 // classes, so jobs wait.
 func (f *Farm) failUnrunnable(ctx context.Context) {
 	cats, known := f.catalogues()
+	var full []*catalogue
+	for _, r := range f.runnerList() {
+		full = append(full, r.catalogue())
+	}
 	if !known {
 		f.mu.Lock()
 		clear(f.unrunnable) // the wait starts again once every catalogue is known
@@ -32,6 +36,7 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 	type doomed struct {
 		pj      *pendingJob
 		missing []string
+		values  map[string][]string
 	}
 	var due []doomed
 	f.mu.Lock()
@@ -42,18 +47,22 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 	}
 	for id, pj := range f.queue.byID {
 		missing := missingIn(cats, pj.Classes)
+		var values map[string][]string
 		if len(missing) == 0 {
+			values = valuesMissingIn(full, pj)
+		}
+		if len(missing) == 0 && values == nil {
 			delete(f.unrunnable, id)
 			continue
 		}
 		since, seen := f.unrunnable[id]
 		if !seen {
 			f.unrunnable[id] = now
-			f.log.Warn("queued job needs classes no node offers", "job_id", id, "classes", missing)
+			f.log.Warn("queued job needs classes or values no node offers", "job_id", id, "classes", missing, "values", values)
 			continue
 		}
 		if now.Sub(since) >= f.cfg.StallTimeout {
-			due = append(due, doomed{pj, missing})
+			due = append(due, doomed{pj, missing, values})
 		}
 	}
 	for _, d := range due {
@@ -70,6 +79,10 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 			Code:    schema.CodeNoNode,
 			Message: fmt.Sprintf("no registered node offers all of its node classes; the closest lacks %s", strings.Join(d.missing, ", ")),
 			Details: map[string]any{"classes": d.missing},
+		}
+		if d.values != nil {
+			jerr.Message = "no registered node offers all of its values: " + describeMissing(d.values)
+			jerr.Details = map[string]any{"missing": d.values}
 		}
 		u := dbcontrollers.JobUpdate{
 			ID: d.pj.ID, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed,
@@ -105,4 +118,28 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 	}
 	f.publishPositionsLocked()
 	f.mu.Unlock()
+}
+
+// valuesMissingIn says which enum values keep every catalogue from running
+// pj (nil when one can): those no catalogue offers, else what the closest
+// lacks.
+func valuesMissingIn(cats []*catalogue, pj *pendingJob) map[string][]string {
+	var best []need
+	found := false
+	for _, c := range cats {
+		if c == nil || missingIn([]map[string]bool{c.classes}, pj.Classes) != nil {
+			continue
+		}
+		lack := c.lacking(pj.Needs)
+		if len(lack) == 0 {
+			return nil
+		}
+		if !found || len(lack) < len(best) {
+			best, found = lack, true
+		}
+	}
+	if !found {
+		return nil
+	}
+	return byInput(best)
 }

@@ -120,9 +120,9 @@ func TestFarmClassesSplitAcrossNodes(t *testing.T) {
 	set := func(name string, classes ...string) {
 		r := e.farm.runner(name)
 		r.mu.Lock()
-		r.classes = map[string]bool{"SaveImage": true}
+		r.cat = &catalogue{classes: map[string]bool{"SaveImage": true}}
 		for _, c := range classes {
-			r.classes[c] = false
+			r.cat.classes[c] = false
 		}
 		r.mu.Unlock()
 	}
@@ -149,7 +149,7 @@ func TestFarmRereadsCatalogueAfterNodeRestart(t *testing.T) {
 	r := e.farm.runner("n1")
 	e.eventually(10*time.Second, "node catalogue", func() bool { return r.knownClasses() != nil })
 	r.mu.Lock()
-	r.classes = map[string]bool{"SomethingElse": false} // what the node offered before
+	r.cat = &catalogue{classes: map[string]bool{"SomethingElse": false}} // what the node offered before
 	r.mu.Unlock()
 	if err := e.fakes["n1"].Restart(); err != nil {
 		t.Fatal(err)

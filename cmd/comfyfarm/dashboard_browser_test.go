@@ -336,6 +336,8 @@ func TestDashboardBrowser(t *testing.T) {
 	b.run("drain gpu-1",
 		openHash("#/"),
 		chromedp.WaitVisible(chromedp.CSS(`button[aria-label="Drain gpu-1"]`)),
+		// What the node offers, from its catalogue.
+		until(`/\d+ checkpoints · \d+ LoRAs · \d+ custom node packs/.test(document.querySelector('#nodes tr[data-node="gpu-1"]').textContent)`),
 		chromedp.Click(chromedp.CSS(`button[aria-label="Drain gpu-1"]`)),
 		until(`document.querySelector('#nodes tr[data-node="gpu-1"] td[data-field="state"] .state').textContent === "draining"`),
 		chromedp.WaitVisible(chromedp.CSS(`button[aria-label="Undrain gpu-1"]`)),

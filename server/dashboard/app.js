@@ -187,6 +187,12 @@
     tr.dataset.node = n.name;
     var name = cell(tr, n.name);
     name.appendChild(make("span", n.url + (n.tags && n.tags.length ? " · " + n.tags.join(", ") : ""), "reason small"));
+    if (n.catalogue_at) {
+      // What the node offers, from its catalogue (placement sends a job only
+      // to nodes that have every model and file it names).
+      name.appendChild(make("span", (n.checkpoints || 0) + " checkpoints · " + (n.loras || 0) + " LoRAs · " +
+        (n.custom_node_packs || 0) + " custom node packs", "reason small"));
+    }
 
     var st = cell(tr, stateSpan(n.state));
     st.dataset.field = "state";

@@ -275,6 +275,7 @@ func (s *Server) routes() {
 	app.Get("/files/*", s.file)
 	app.Get("/dashboard", s.dashboard)
 	app.Get("/dashboard/assets/:file", s.dashboardAsset)
+	app.Get("/openapi.json", s.openAPI)
 
 	api := app.Group("/api/v1")
 	api.Get("/jobs/:id/events", s.events)

@@ -178,6 +178,26 @@ func TestOpenAPIResponses(t *testing.T) {
 			t.Fatalf("waited submit: %s", b)
 		}
 
+		// A wait that runs out answers 202 with the view as it is then; a
+		// job still waiting can be cancelled.
+		for _, f := range s.fakes {
+			f.Hold()
+		}
+		b = c.call("POST", "/api/v1/jobs?wait=1s", key, map[string]any{"user_id": user, "workflow": json.RawMessage(oaWorkflow)}, nil, 202)
+		var held struct {
+			ID        string `json:"id"`
+			State     string `json:"state"`
+			EventsURL string `json:"events_url"`
+		}
+		if err := json.Unmarshal(b, &held); err != nil || held.EventsURL == "" || (held.State != "queued" && held.State != "dispatched") {
+			t.Fatalf("submit whose wait ran out: %s", b)
+		}
+		c.call("GET", "/api/v1/jobs/"+held.ID+"?wait=1", key, nil, nil, 200)
+		c.call("DELETE", "/api/v1/jobs/"+held.ID, key, nil, nil, 200)
+		for _, f := range s.fakes {
+			f.Release()
+		}
+
 		photo := "/api/v1/photos/" + jsonInt(job.Outputs[0].PhotoID)
 		c.call("GET", "/api/v1/photos?user_id="+user+"&limit=5", key, nil, nil, 200)
 		c.call("GET", photo, key, nil, nil, 200)

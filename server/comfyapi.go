@@ -267,6 +267,13 @@ func (a *comfyAPI) prompt(c *fiber.Ctx) error {
 	if err := a.s.limit(c, principal{frontend: who.frontend, key: who.key}, limitSubmits); err != nil {
 		return err
 	}
+	// A prompt is a raw workflow: a templates-only frontend may not send one
+	// here either.
+	if allowed, ok := a.s.cfg.RawWorkflows[who.frontend]; ok && !allowed {
+		return newAPIError(http.StatusForbidden, "raw_workflows_disabled",
+			"this frontend submits templates only: use POST /api/v1/jobs with template and inputs").
+			with("frontend", who.frontend)
+	}
 	p, perr := decodeComfyPrompt(c.Body())
 	if perr != nil {
 		return c.Status(http.StatusBadRequest).JSON(perr)

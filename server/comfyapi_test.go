@@ -788,3 +788,24 @@ func TestComfyPromptSubmitLimit(t *testing.T) {
 	expect(t, b.do(req{method: "POST", path: "/comfy/u/" + tok + "/prompt", body: body}), 429, "rate_limited")
 	expect(t, b.do(req{method: "GET", path: "/comfy/u/" + tok + "/queue"}), 200)
 }
+
+// A frontend that submits templates only cannot send a raw graph through the
+// ComfyUI-compatible API either, with its key or with a token.
+func TestComfyPromptRespectsRawWorkflows(t *testing.T) {
+	b := setup(t, dbtest.SQLite(t), func(c *Config, _ *Deps) {
+		c.RawWorkflows = map[string]bool{"style": false}
+	})
+	graph := `{"1":{"class_type":"EmptyImage","inputs":{}},"2":{"class_type":"SaveImage","inputs":{"images":["1",0]}}}`
+	r := b.do(req{method: "POST", path: "/comfy/prompt", key: styleKey, body: `{"prompt":` + graph + `}`})
+	expect(t, r, 403, "raw_workflows_disabled")
+	tok, r := b.mintComfy(styleKey, `{"user_id":"u-9"}`)
+	expect(t, r, 201)
+	r = b.do(req{method: "POST", path: "/comfy/u/" + tok + "/prompt", body: `{"prompt":` + graph + `}`})
+	expect(t, r, 403, "raw_workflows_disabled")
+	if calls := b.jobs.calls(); len(calls) != 0 {
+		t.Fatalf("submitted %+v", calls)
+	}
+	// Another frontend is not affected.
+	r = b.do(req{method: "POST", path: "/comfy/prompt", key: logoKey, body: `{"prompt":` + graph + `}`})
+	expect(t, r, 200)
+}

@@ -110,30 +110,8 @@ func startBrowserStack(t *testing.T) *browserStack {
 		t.Fatal(err)
 	}
 	addr := freeAddr(t)
-	e, _, errb := testEnv("COMFYFARM_LISTEN="+addr, "COMFYFARM_PUBLIC_URL=http://"+addr,
-		"COMFYFARM_ADMIN_KEY="+testAdminKey, "COMFYFARM_LOG_LEVEL=warn")
-	ready := make(chan net.Addr, 1)
-	e.ready = func(a net.Addr) { ready <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, e, []string{"serve", "--config", "comfyfarm.yaml"}) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			t.Error("serve did not stop")
-		}
-	})
-	select {
-	case a := <-ready:
-		s.base = "http://" + a.String()
-	case err := <-done:
-		done <- err
-		t.Fatalf("serve stopped: %v\n%s", err, errb.String())
-	case <-time.After(60 * time.Second):
-		t.Fatalf("serve did not start\n%s", errb.String())
-	}
+	s.base = runServe(t, []string{"COMFYFARM_LISTEN=" + addr, "COMFYFARM_PUBLIC_URL=http://" + addr,
+		"COMFYFARM_ADMIN_KEY=" + testAdminKey, "COMFYFARM_LOG_LEVEL=warn"}, "serve", "--config", "comfyfarm.yaml")
 	s.waitNodes(schema.NodeUp, "gpu-1", "gpu-2")
 
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],

@@ -11,7 +11,6 @@ import (
 	"image/png"
 	"io"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -72,29 +71,7 @@ func startStack(t *testing.T, db dbcontrollers.Config, extraEnv ...string) *stac
 	if db.Driver == dbcontrollers.DialectMySQL {
 		environ = append(environ, "COMFYFARM_DATABASE_DRIVER=mysql", "COMFYFARM_DATABASE_DSN="+db.DSN, "COMFYFARM_DATABASE_PREFIX="+db.Prefix)
 	}
-	e, _, errb := testEnv(append(environ, extraEnv...)...)
-	addrc := make(chan net.Addr, 1)
-	e.ready = func(a net.Addr) { addrc <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, e, []string{"serve", "--config", "comfyfarm.yaml"}) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			t.Error("serve did not stop")
-		}
-	})
-	select {
-	case a := <-addrc:
-		s.base = "http://" + a.String()
-	case err := <-done:
-		done <- err // for the cleanup
-		t.Fatalf("serve stopped: %v\n%s", err, errb.String())
-	case <-time.After(60 * time.Second):
-		t.Fatalf("serve did not start\n%s", errb.String())
-	}
+	s.base = runServe(t, append(environ, extraEnv...), "serve", "--config", "comfyfarm.yaml")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var views []schema.NodeView

@@ -22,27 +22,25 @@ import (
 
 const operatorAdminKey = "cf-admin-operator-test-key-0123456789"
 
-// startServe runs `comfyfarm serve` in this process in a fresh folder, on a
-// loopback port, and returns its base URL; it stops when the test ends.
-func startServe(t *testing.T, environ ...string) string {
+// runServe runs the command args (serve) of this binary in this process with
+// environ, until the test ends, and returns the base URL it listens on. A
+// serve that fails while running fails the test at its end.
+func runServe(t *testing.T, environ []string, args ...string) string {
 	t.Helper()
-	t.Chdir(t.TempDir())
-	environ = append([]string{"COMFYFARM_LISTEN=127.0.0.1:0", "COMFYFARM_ADMIN_KEY=" + operatorAdminKey,
-		"COMFYFARM_LOG_LEVEL=warn"}, environ...)
 	e, _, errb := testEnv(environ...)
 	addrc := make(chan net.Addr, 1)
 	e.ready = func(a net.Addr) { addrc <- a }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, e, []string{"serve"}) }()
+	go func() { done <- run(ctx, e, args) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
 		case err := <-done:
-			if err != nil {
+			if err != nil && !t.Failed() {
 				t.Errorf("serve: %v\n%s", err, errb.String())
 			}
-		case <-time.After(30 * time.Second):
+		case <-time.After(60 * time.Second):
 			t.Error("serve did not stop")
 		}
 	})
@@ -50,11 +48,22 @@ func startServe(t *testing.T, environ ...string) string {
 	case a := <-addrc:
 		return "http://" + a.String()
 	case err := <-done:
+		done <- err // for the cleanup
 		t.Fatalf("serve stopped: %v\n%s", err, errb.String())
 	case <-time.After(60 * time.Second):
 		t.Fatalf("serve did not start\n%s", errb.String())
 	}
 	return ""
+}
+
+// startServe runs `comfyfarm serve` in this process in a fresh folder, on a
+// loopback port, and returns its base URL; it stops when the test ends.
+func startServe(t *testing.T, environ ...string) string {
+	t.Helper()
+	t.Chdir(t.TempDir())
+	environ = append([]string{"COMFYFARM_LISTEN=127.0.0.1:0", "COMFYFARM_ADMIN_KEY=" + operatorAdminKey,
+		"COMFYFARM_LOG_LEVEL=warn"}, environ...)
+	return runServe(t, environ, "serve")
 }
 
 // cli runs one client command against base with the admin key.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -105,29 +104,7 @@ func startHookStack(t *testing.T, db dbcontrollers.Config, conf string, nodes in
 	s := &stack{t: t, http: &http.Client{Timeout: 30 * time.Second}}
 	environ := []string{"COMFYFARM_LISTEN=127.0.0.1:0", "COMFYFARM_ADMIN_KEY=" + testAdminKey, "COMFYFARM_LOG_LEVEL=warn"}
 	environ = append(environ, hookDBEnv(db)...)
-	e, _, errb := testEnv(environ...)
-	addrc := make(chan net.Addr, 1)
-	e.ready = func(a net.Addr) { addrc <- a }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, e, []string{"serve", "--config", "comfyfarm.yaml"}) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(60 * time.Second):
-			t.Error("serve did not stop")
-		}
-	})
-	select {
-	case a := <-addrc:
-		s.base = "http://" + a.String()
-	case err := <-done:
-		done <- err
-		t.Fatalf("serve stopped: %v\n%s", err, errb.String())
-	case <-time.After(60 * time.Second):
-		t.Fatalf("serve did not start\n%s", errb.String())
-	}
+	s.base = runServe(t, environ, "serve", "--config", "comfyfarm.yaml")
 	names := make([]string, nodes)
 	for i := range names {
 		names[i] = fmt.Sprintf("gpu-%d", i+1)

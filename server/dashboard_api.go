@@ -49,19 +49,7 @@ func (s *Server) dashboardJobs(c *fiber.Ctx) error {
 	if f.Limit, err = intQuery(c, "limit", dashboardJobLimit, 1, maxDashboardJobLimit); err != nil {
 		return err
 	}
-	list, err := jobs.Jobs(c.UserContext(), f)
-	if err != nil {
-		return err
-	}
-	if list == nil {
-		list = []schema.Job{}
-	}
-	for i := range list {
-		if err := s.outputURLs(c.UserContext(), &list[i]); err != nil {
-			return err
-		}
-	}
-	return c.JSON(list)
+	return s.answerJobs(c, jobs, f)
 }
 
 // dashboardSamples is GET /api/v1/dashboard/samples (admin): the sampler's

@@ -400,6 +400,12 @@ func (s *Server) jobList(c *fiber.Ctx) error {
 	if f.Frontend, err = s.frontendName(c, ""); err != nil {
 		return err
 	}
+	return s.answerJobs(c, jobs, f)
+}
+
+// answerJobs lists the jobs f selects, newest first, with their output URLs:
+// a JSON array, empty rather than null.
+func (s *Server) answerJobs(c *fiber.Ctx, jobs JobService, f schema.JobFilter) error {
 	list, err := jobs.Jobs(c.UserContext(), f)
 	if err != nil {
 		return err

@@ -110,7 +110,7 @@ func startBrowserStack(t *testing.T) *browserStack {
 		t.Fatal(err)
 	}
 	addr := freeAddr(t)
-	s.base = runServe(t, []string{"COMFYFARM_LISTEN=" + addr, "COMFYFARM_PUBLIC_URL=http://" + addr,
+	s.base = runServe(t, false, []string{"COMFYFARM_LISTEN=" + addr, "COMFYFARM_PUBLIC_URL=http://" + addr,
 		"COMFYFARM_ADMIN_KEY=" + testAdminKey, "COMFYFARM_LOG_LEVEL=warn"}, "serve", "--config", "comfyfarm.yaml")
 	s.waitNodes(schema.NodeUp, "gpu-1", "gpu-2")
 

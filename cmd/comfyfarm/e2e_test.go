@@ -71,7 +71,7 @@ func startStack(t *testing.T, db dbcontrollers.Config, extraEnv ...string) *stac
 	if db.Driver == dbcontrollers.DialectMySQL {
 		environ = append(environ, "COMFYFARM_DATABASE_DRIVER=mysql", "COMFYFARM_DATABASE_DSN="+db.DSN, "COMFYFARM_DATABASE_PREFIX="+db.Prefix)
 	}
-	s.base = runServe(t, append(environ, extraEnv...), "serve", "--config", "comfyfarm.yaml")
+	s.base = runServe(t, false, append(environ, extraEnv...), "serve", "--config", "comfyfarm.yaml")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var views []schema.NodeView

@@ -21,15 +21,10 @@ const jobsSynopsis = `[ls] [--user U] [--state S] [--limit N] | show ID | cancel
        (every form takes [--server URL] [--key KEY] [--frontend F] [--json]; the key defaults to
        COMFYFARM_API_KEY, then COMFYFARM_ADMIN_KEY, which needs --frontend)`
 
-var jobVerbs = map[string]int{"ls": 0, "show": 1, "cancel": 1, "events": 1}
+var jobVerbs = map[string][]string{"ls": nil, "show": {"ID"}, "cancel": {"ID"}, "events": {"ID"}}
 
 func cmdJobs(ctx context.Context, e *env, args []string) error {
-	verb := "ls"
-	if len(args) > 0 {
-		if _, ok := jobVerbs[args[0]]; ok {
-			verb, args = args[0], args[1:]
-		}
-	}
+	verb, args := splitVerb(args, jobVerbs)
 	fs := newFlagSet(e, "jobs", jobsSynopsis)
 	server := fs.String("server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	key := fs.String("key", "", "API key (default: env COMFYFARM_API_KEY, then COMFYFARM_ADMIN_KEY)")
@@ -42,20 +37,14 @@ func cmdJobs(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) != jobVerbs[verb] {
-		fmt.Fprintf(e.stderr, "comfyfarm jobs %s: want %d argument(s)\n", verb, jobVerbs[verb])
-		fs.Usage()
-		return errUsage
+	if err := checkVerbArgs(e, fs, verb, pos, jobVerbs); err != nil {
+		return err
 	}
-	for _, name := range []string{"COMFYFARM_API_KEY", "COMFYFARM_ADMIN_KEY"} {
-		if *key == "" {
-			*key = e.getenv(name)
-		}
+	k, err := apiKey(e, *key)
+	if err != nil {
+		return err
 	}
-	if *key == "" {
-		return errors.New("no API key: pass --key or set COMFYFARM_API_KEY")
-	}
-	c, err := newAPIClient(*server, *key)
+	c, err := newAPIClient(*server, k)
 	if err != nil {
 		return err
 	}

@@ -37,12 +37,7 @@ var nodeVerbs = map[string][]string{
 }
 
 func cmdNodes(ctx context.Context, e *env, args []string) error {
-	verb := "ls"
-	if len(args) > 0 {
-		if _, ok := nodeVerbs[args[0]]; ok {
-			verb, args = args[0], args[1:]
-		}
-	}
+	verb, args := splitVerb(args, nodeVerbs)
 	fs := newFlagSet(e, "nodes", nodesSynopsis)
 	server := fs.String("server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	key := fs.String("key", "", "admin key (default: env COMFYFARM_ADMIN_KEY)")
@@ -53,10 +48,8 @@ func cmdNodes(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if want := nodeVerbs[verb]; len(pos) != len(want) {
-		fmt.Fprintf(e.stderr, "comfyfarm nodes %s: want %s\n", verb, strings.Join(append([]string{verb}, want...), " "))
-		fs.Usage()
-		return errUsage
+	if err := checkVerbArgs(e, fs, verb, pos, nodeVerbs); err != nil {
+		return err
 	}
 	if *key == "" {
 		*key = e.getenv("COMFYFARM_ADMIN_KEY")

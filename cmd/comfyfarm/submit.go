@@ -66,15 +66,11 @@ func cmdSubmit(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintln(e.stderr, "submit: --input goes with --template")
 		return errUsage
 	}
-	if o.key == "" {
-		o.key = e.getenv("COMFYFARM_API_KEY")
+	key, err := apiKey(e, o.key)
+	if err != nil {
+		return err
 	}
-	if o.key == "" {
-		o.key = e.getenv("COMFYFARM_ADMIN_KEY")
-	}
-	if o.key == "" {
-		return errors.New("no API key: pass --key or set COMFYFARM_API_KEY")
-	}
+	o.key = key
 	c, err := newAPIClient(o.server, o.key)
 	if err != nil {
 		return err

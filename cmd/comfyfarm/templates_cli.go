@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/url"
@@ -27,12 +26,7 @@ const templatesSynopsis = `[ls] | show NAME[@VERSION] | put NAME FILE | rm NAME
 var templateVerbs = map[string][]string{"ls": nil, "show": {"NAME"}, "put": {"NAME", "FILE"}, "rm": {"NAME"}}
 
 func cmdTemplates(ctx context.Context, e *env, args []string) error {
-	verb := "ls"
-	if len(args) > 0 {
-		if _, ok := templateVerbs[args[0]]; ok {
-			verb, args = args[0], args[1:]
-		}
-	}
+	verb, args := splitVerb(args, templateVerbs)
 	fs := newFlagSet(e, "templates", templatesSynopsis)
 	server := fs.String("server", defaultServer(e), "comfyfarm server (env COMFYFARM_SERVER)")
 	key := fs.String("key", "", "API key (default: env COMFYFARM_API_KEY, then COMFYFARM_ADMIN_KEY)")
@@ -42,20 +36,14 @@ func cmdTemplates(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if want := templateVerbs[verb]; len(pos) != len(want) {
-		fmt.Fprintf(e.stderr, "comfyfarm templates %s: want %s\n", verb, strings.Join(append([]string{verb}, want...), " "))
-		fs.Usage()
-		return errUsage
+	if err := checkVerbArgs(e, fs, verb, pos, templateVerbs); err != nil {
+		return err
 	}
-	for _, name := range []string{"COMFYFARM_API_KEY", "COMFYFARM_ADMIN_KEY"} {
-		if *key == "" {
-			*key = e.getenv(name)
-		}
+	k, err := apiKey(e, *key)
+	if err != nil {
+		return err
 	}
-	if *key == "" {
-		return errors.New("no API key: pass --key or set COMFYFARM_API_KEY")
-	}
-	c, err := newAPIClient(*server, *key)
+	c, err := newAPIClient(*server, k)
 	if err != nil {
 		return err
 	}

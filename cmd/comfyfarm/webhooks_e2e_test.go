@@ -104,7 +104,7 @@ func startHookStack(t *testing.T, db dbcontrollers.Config, conf string, nodes in
 	s := &stack{t: t, http: &http.Client{Timeout: 30 * time.Second}}
 	environ := []string{"COMFYFARM_LISTEN=127.0.0.1:0", "COMFYFARM_ADMIN_KEY=" + testAdminKey, "COMFYFARM_LOG_LEVEL=warn"}
 	environ = append(environ, hookDBEnv(db)...)
-	s.base = runServe(t, environ, "serve", "--config", "comfyfarm.yaml")
+	s.base = runServe(t, false, environ, "serve", "--config", "comfyfarm.yaml")
 	names := make([]string, nodes)
 	for i := range names {
 		names[i] = fmt.Sprintf("gpu-%d", i+1)

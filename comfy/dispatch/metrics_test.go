@@ -3,10 +3,15 @@ package dispatch
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 
@@ -140,6 +145,35 @@ func TestFarmMetricsAfterMixedJobs(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(e.farm.metrics.queued.WithLabelValues("alpha")); got != 0 {
 		t.Errorf("queue depth at the end: %v", got)
+	}
+
+	// The same, as Prometheus scrapes it: the text exposition over HTTP.
+	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	defer srv.Close()
+	res, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err != nil || res.StatusCode != 200 {
+		t.Fatalf("scrape: %d %v", res.StatusCode, err)
+	}
+	for _, line := range []string{
+		`comfyfarm_jobs_finished_total{error_code="",frontend="alpha",outcome="succeeded"} 3`,
+		`comfyfarm_jobs_finished_total{error_code="execution_error",frontend="alpha",outcome="failed"} 1`,
+		`comfyfarm_jobs_finished_total{error_code="validation_failed",frontend="alpha",outcome="failed"} 1`,
+		`comfyfarm_jobs_finished_total{error_code="no_outputs",frontend="alpha",outcome="failed"} 1`,
+		`comfyfarm_jobs_finished_total{error_code="",frontend="alpha",outcome="cancelled"} 1`,
+		`comfyfarm_job_queue_wait_seconds_count{frontend="alpha"} 6`,
+		`comfyfarm_job_run_duration_seconds_count{frontend="alpha",node="n1"} 4`,
+		`comfyfarm_job_store_duration_seconds_count 3`,
+		`comfyfarm_queue_depth{frontend="alpha"} 0`,
+		`comfyfarm_node_inflight{node="n1"} 0`,
+	} {
+		if !strings.Contains(string(body), line+"\n") {
+			t.Errorf("scrape lacks %q", line)
+		}
 	}
 
 	// The node's gauges, read at scrape time.

@@ -31,6 +31,10 @@ type ClaimNextParams struct {
 	LeaseUntil time.Time
 }
 
+// fenceCond is the condition of a single-statement write of a fenced store:
+// the scheduler's lease is still at the store's epoch.
+const fenceCond = " AND EXISTS (SELECT 1 FROM leader_lease WHERE name = ? AND epoch = ?)"
+
 // claimSet moves a claimed job to dispatched; its arguments are claimArgs.
 const claimSet = "state = 'dispatched', node = ?, attempts = attempts + 1, dispatched_at = ?, " +
 	"started_at = NULL, prompt_id = NULL, progress = NULL, lease_owner = ?, lease_expires_at = ?, updated_at = ?"
@@ -65,6 +69,9 @@ func (s *Store) JobClaim(ctx context.Context, p ClaimParams) (*schema.Job, error
 	var err error
 	if s.mysql() {
 		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+			if err := s.checkFence(ctx, tx); err != nil {
+				return err
+			}
 			var id string
 			err := tx.GetContext(ctx, &id,
 				"SELECT id FROM jobs WHERE id = ? AND state = 'queued' FOR UPDATE SKIP LOCKED", p.ID)
@@ -83,10 +90,16 @@ func (s *Store) JobClaim(ctx context.Context, p ClaimParams) (*schema.Job, error
 		})
 	} else {
 		args := append(s.claimArgs(p.Node, p.Owner, p.LeaseUntil), p.ID)
-		job, err = s.sqliteReturning(ctx,
-			"UPDATE jobs SET "+claimSet+" WHERE id = ? AND state = 'queued' RETURNING "+jobColumns, args...)
+		q := "UPDATE jobs SET " + claimSet + " WHERE id = ? AND state = 'queued'"
+		if s.fence != 0 {
+			q += fenceCond
+			args = append(args, LeaderScheduler, s.fence)
+		}
+		job, err = s.sqliteReturning(ctx, q+" RETURNING "+jobColumns, args...)
 		if errors.Is(err, schema.ErrNotFound) {
-			err = jobMissingOrConflict(ctx, s.db, p.ID)
+			if err = s.checkFence(ctx, s.db); err == nil {
+				err = jobMissingOrConflict(ctx, s.db, p.ID)
+			}
 		}
 	}
 	if err != nil {
@@ -279,6 +292,9 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 	var job *schema.Job
 	if s.mysql() {
 		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+			if err := s.checkFence(ctx, tx); err != nil {
+				return err
+			}
 			res, err := tx.ExecContext(ctx, q, args...)
 			if err != nil {
 				return interpretError(err)
@@ -301,9 +317,13 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 			}
 			return s.finalWebhook(ctx, tx, u, job)
 		})
-	} else if u.State.Terminal() {
-		// A final state and its webhook outbox row commit together.
+	} else if u.State.Terminal() || s.fence != 0 {
+		// A final state and its webhook outbox row commit together; a
+		// fenced write checks the lease in the same transaction.
 		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+			if err := s.checkFence(ctx, tx); err != nil {
+				return err
+			}
 			var r jobRow
 			if err := tx.GetContext(ctx, &r, q+" RETURNING "+jobColumns, args...); err != nil {
 				if err = interpretError(err); errors.Is(err, schema.ErrNotFound) {
@@ -376,15 +396,25 @@ func (s *Store) JobExtendLease(ctx context.Context, owner string, ids []string, 
 // transaction.
 func (s *Store) extendLeases(ctx context.Context, q string, args []any, owner string, ids []string, until time.Time) (int, error) {
 	if !s.mysql() {
-		res, err := s.db.ExecContext(ctx, q, args...)
-		if err != nil {
-			return 0, interpretError(err)
-		}
-		n, err := res.RowsAffected()
+		var n int64
+		err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+			if err := s.checkFence(ctx, tx); err != nil {
+				return err
+			}
+			res, err := tx.ExecContext(ctx, q, args...)
+			if err != nil {
+				return interpretError(err)
+			}
+			n, err = res.RowsAffected()
+			return err
+		})
 		return int(n), err
 	}
 	var n int
 	err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+		if err := s.checkFence(ctx, tx); err != nil {
+			return err
+		}
 		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
 			return interpretError(err)
 		}
@@ -436,6 +466,9 @@ func (s *Store) rescueBatch(ctx context.Context, now time.Time, maxAttempts int)
 	stamp := s.now()
 	err = inTxRetryOpts(ctx, s.db, opts, func(tx *sqlx.Tx) error {
 		requeued, failed, n = nil, nil, 0
+		if err := s.checkFence(ctx, tx); err != nil {
+			return err
+		}
 		q, args, err := sqlx.In("SELECT id, node, attempts FROM jobs WHERE "+expired+
 			" ORDER BY lease_expires_at, id LIMIT ?"+lock, leasedStates, tval(now), leaseBatch)
 		if err != nil {

@@ -32,6 +32,9 @@ type Store struct {
 	// the transaction writing that state, which also writes the webhook
 	// outbox row (see webhooks.go), so it must only look at j and memory.
 	WebhookURLFunc func(j *schema.Job) string
+	// fence, when not 0, is the scheduler lease epoch every job write is
+	// checked against (see Fenced).
+	fence int64
 }
 
 // NewStore returns the store of an open control database.

@@ -199,6 +199,19 @@ func (s *Store) JobList(ctx context.Context, f schema.JobFilter) ([]schema.Job, 
 	return jobsOf(rows)
 }
 
+// JobIDsByState returns the ids of every job in a state, oldest first: the
+// light form of JobListByState, for looking for jobs one has not seen.
+func (s *Store) JobIDsByState(ctx context.Context, state schema.JobState) ([]string, error) {
+	if !state.Valid() {
+		return nil, schema.Invalid("state", "unknown state %q", state)
+	}
+	var ids []string
+	if err := sqlx.SelectContext(ctx, s.db, &ids, "SELECT id FROM jobs WHERE state = ? ORDER BY created_at, id", string(state)); err != nil {
+		return nil, fmt.Errorf("list job ids by state: %w", interpretError(err))
+	}
+	return ids, nil
+}
+
 // JobListByState returns every job in one of the states, oldest first.
 func (s *Store) JobListByState(ctx context.Context, states ...schema.JobState) ([]schema.Job, error) {
 	if len(states) == 0 {

@@ -9,6 +9,12 @@ import (
 	"github.com/gofiber/fiber/v2"
 )
 
+// RoleReporter is a scheduler that says whether it leads the farm
+// ("leader" or "follower") and which instance does.
+type RoleReporter interface {
+	Role() (role, leader string)
+}
+
 // readyTimeout bounds all of /readyz's checks together.
 const readyTimeout = 5 * time.Second
 
@@ -62,5 +68,11 @@ func (s *Server) readyz(c *fiber.Ctx) error {
 		}
 		return &apiError{Status: http.StatusServiceUnavailable, Code: "not_ready", Message: "not ready", Details: details}
 	}
-	return c.JSON(fiber.Map{"status": "ok", "checks": results})
+	body := fiber.Map{"status": "ok", "checks": results}
+	if r, ok := s.deps.Scheduler.(RoleReporter); ok {
+		// With several replicas: whether this one schedules, and which does.
+		role, leader := r.Role()
+		body["role"], body["leader"] = role, leader
+	}
+	return c.JSON(body)
 }

@@ -52,10 +52,25 @@ type Config struct {
 	Dashboard       DashboardConfig           `yaml:"dashboard"`
 	Server          ServerConfig              `yaml:"server"`
 	Webhooks        WebhooksConfig            `yaml:"webhooks"`
+	Cluster         ClusterConfig             `yaml:"cluster"`
 
 	// publicURLDerived: public_url was not set, so it follows listen (see
 	// derivePublicURL).
 	publicURLDerived bool
+}
+
+// ClusterConfig joins several replicas into one farm.
+type ClusterConfig struct {
+	// RedisURL (redis://[user:pass@]host:6379/0): events, notices and node
+	// views between replicas. Empty: one process, everything in memory.
+	RedisURL string `yaml:"redis_url"`
+	// RedisPrefix starts every key and channel of this farm, so that farms
+	// (or tests) may share one Redis.
+	RedisPrefix string `yaml:"redis_prefix"`
+	// Secret signs what one replica gives out and another checks (events
+	// tokens, file links): the same on every replica, at least 32
+	// characters. Required with RedisURL; alone, data_dir/secret is used.
+	Secret string `yaml:"secret"`
 }
 
 // ServerConfig is about the HTTP server's surroundings.
@@ -186,6 +201,9 @@ type SchedulerConfig struct {
 	StallTimeout  time.Duration `yaml:"stall_timeout"`
 	JobTimeout    time.Duration `yaml:"job_timeout"`
 	InstanceID    string        `yaml:"instance_id"` // lease owner; "" = the host name
+	// LeaderLease: with several replicas, how long the scheduler's lease
+	// lasts unrenewed; a dead leader is replaced within it.
+	LeaderLease time.Duration `yaml:"leader_lease"`
 
 	// NodeFailureLimit: jobs in a row a node fails for reasons of its own
 	// (unreadable answers, lost prompts, outputs it cannot serve) before it
@@ -666,6 +684,26 @@ func (c *Config) Validate() error {
 	}
 
 	positive("scheduler.probe_interval", c.Scheduler.ProbeInterval)
+	if c.Scheduler.LeaderLease < time.Second || c.Scheduler.LeaderLease > 10*time.Minute {
+		bad("scheduler.leader_lease", "want 1s to 10m, not %s", c.Scheduler.LeaderLease)
+	}
+	if u := c.Cluster.RedisURL; u != "" {
+		if !strings.HasPrefix(u, "redis://") && !strings.HasPrefix(u, "rediss://") {
+			bad("cluster.redis_url", "want redis://host:6379/0 or rediss://...")
+		}
+		if c.Database.Driver != "mysql" {
+			bad("cluster.redis_url", "replicas share one control database: it needs database.driver mysql")
+		}
+		if p := c.Cluster.RedisPrefix; p == "" || len(p) > 64 || strings.ContainsAny(p, " \t\r\n*?[]") {
+			bad("cluster.redis_prefix", "want 1 to 64 characters without spaces or glob characters")
+		}
+		if len(c.Cluster.Secret) < 32 {
+			bad("cluster.secret", "required with cluster.redis_url, the same on every replica: at least 32 characters")
+		}
+		if c.AdminKey == "" {
+			bad("admin_key", "required with cluster.redis_url, the same on every replica (alone, one is made in data_dir)")
+		}
+	}
 	positive("scheduler.stall_timeout", c.Scheduler.StallTimeout)
 	positive("scheduler.job_timeout", c.Scheduler.JobTimeout)
 	if id := c.Scheduler.InstanceID; id != "" && !instanceIDRE.MatchString(id) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/comfy/dispatch"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
@@ -32,7 +33,7 @@ func (a *app) openFarm(ctx context.Context) error {
 			weights[name] = f.Weight
 		}
 	}
-	farm := dispatch.NewFarm(dispatch.FarmConfig{
+	fc := dispatch.FarmConfig{
 		InstanceID:        cfg.Scheduler.InstanceID,
 		MaxAttempts:       cfg.Scheduler.MaxAttempts,
 		StallTimeout:      cfg.Scheduler.StallTimeout,
@@ -43,13 +44,28 @@ func (a *app) openFarm(ctx context.Context) error {
 		CatalogueInterval: cfg.Probe.CatalogueInterval,
 		Weights:           weights,
 		Logger:            a.log,
-	}, store, a.registry, a.store, nodes)
+		LeaderLease:       cfg.Scheduler.LeaderLease,
+	}
+	if cfg.Cluster.RedisURL != "" {
+		// One of several replicas: the farm probes and schedules only
+		// while it holds the scheduler's lease (it runs the prober then).
+		bus, err := cluster.Open(ctx, cfg.Cluster.RedisURL, cluster.Options{Prefix: cfg.Cluster.RedisPrefix, Logger: a.log})
+		if err != nil {
+			return err
+		}
+		a.closers = append(a.closers, bus.Close)
+		fc.Bus = bus
+	}
+	farm := dispatch.NewFarm(fc, store, a.registry, a.store, nodes)
 	for _, c := range append(nodes.Collectors(), farm.Collectors()...) {
 		if err := a.metrics.Register(c); err != nil {
 			return fmt.Errorf("metrics: %w", err)
 		}
 	}
 	a.farm, a.jobs, a.nodes = farm, farm, farm
-	a.workers = append(a.workers, nodes.Run, farm.Run)
+	if fc.Bus == nil {
+		a.workers = append(a.workers, nodes.Run)
+	}
+	a.workers = append(a.workers, farm.Run)
 	return nil
 }

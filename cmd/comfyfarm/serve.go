@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -101,6 +102,11 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	}()
 	if a.secrets, err = loadSecrets(cfg.DataDir, cfg.AdminKey, out); err != nil {
 		return nil, err
+	}
+	if cfg.Cluster.Secret != "" {
+		// Replicas sign with one secret: a token one gives out, any checks.
+		sum := sha256.Sum256([]byte("comfyfarm/cluster/" + cfg.Cluster.Secret))
+		a.secrets.master = sum[:]
 	}
 	warnExampleKeys(cfg, log)
 

@@ -39,6 +39,17 @@ type FarmConfig struct {
 	Weights           map[string]int // frontend -> weight for fair scheduling
 	Logger            *slog.Logger
 	NowFunc           func() time.Time
+
+	// Bus, when set, makes the farm one of several replicas sharing the
+	// control database (cluster.redis_url): events and notices go through
+	// it, and the farm schedules only while it holds the scheduler's lease.
+	Bus Bus
+	// Leases holds that lease; the job store when nil (it must then be a
+	// LeaseStore and a Fencer, as *dbcontrollers.Store is).
+	Leases LeaseStore
+	// LeaderLease is how long the lease lasts unrenewed
+	// (scheduler.leader_lease): a dead leader is replaced within it.
+	LeaderLease time.Duration
 }
 
 // DefaultFarmConfig is the configuration of DESIGN §5.
@@ -55,6 +66,7 @@ func DefaultFarmConfig() FarmConfig {
 		MaxImagePixels:    50_000_000,
 		MaxGraphNodes:     2000,
 		CatalogueInterval: 5 * time.Minute,
+		LeaderLease:       10 * time.Second,
 	}
 }
 
@@ -71,6 +83,7 @@ func (c *FarmConfig) fill() {
 	orDefault(&c.MaxImagePixels, d.MaxImagePixels)
 	orDefault(&c.MaxGraphNodes, d.MaxGraphNodes)
 	orDefault(&c.CatalogueInterval, d.CatalogueInterval)
+	orDefault(&c.LeaderLease, d.LeaderLease)
 	if c.InstanceID == "" {
 		// Stable across restarts on one host, so that a restarted process
 		// recognises the leases of the jobs it was following.
@@ -105,6 +118,7 @@ type JobStore interface {
 	JobByIdempotencyKey(ctx context.Context, frontend, key string) (*schema.Job, error)
 	JobList(ctx context.Context, f schema.JobFilter) ([]schema.Job, error)
 	JobListByState(ctx context.Context, states ...schema.JobState) ([]schema.Job, error)
+	JobIDsByState(ctx context.Context, state schema.JobState) ([]string, error)
 	JobClaim(ctx context.Context, p dbcontrollers.ClaimParams) (*schema.Job, error)
 	JobUpdate(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error)
 	JobExtendLease(ctx context.Context, owner string, ids []string, until time.Time) (int, error)
@@ -123,8 +137,17 @@ type Frontends interface {
 // workflows, follows them, stores their outputs and tells subscribers.
 // It implements the server's JobService and NodeService.
 type Farm struct {
-	cfg       FarmConfig
+	cfg FarmConfig
+	// store is the job store as the scheduler writes it (fenced by the
+	// term's epoch in cluster mode); db is the same store unfenced, for the
+	// API's reads, submits and cancels, which any replica takes.
 	store     JobStore
+	db        JobStore
+	fenced    *fencedJobs // nil in one process
+	cl        clusterState
+	runCtx    context.Context // Run's: bounds work that outlives a term
+	bg        sync.WaitGroup  // work that outlives a term (cluster mode)
+	leaseHook func() bool     // tests: false holds the lease keeper (a paused process)
 	frontends Frontends
 	storage   oss.Store
 	nodes     *Nodes
@@ -159,10 +182,11 @@ type Farm struct {
 
 	// onSchedule, set by tests, sees each scheduling pass under f.mu: the
 	// jobs it dispatched in order and every queued job's position after it.
-	onSchedule func(dispatched []string, positions map[string]int)
-	wg         sync.WaitGroup
-	started    chan struct{}
-	stopped    chan struct{} // closed when Run returns
+	onSchedule  func(dispatched []string, positions map[string]int)
+	wg          sync.WaitGroup
+	started     chan struct{}
+	startedOnce sync.Once
+	stopped     chan struct{} // closed when Run returns
 }
 
 // NewFarm wires a farm. Call Run to start it.
@@ -189,6 +213,19 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		stopped:    make(chan struct{}),
 	}
 	f.queue.LenFunc = f.metrics.queueLen
+	f.db = store
+	f.cl.role, f.cl.wake = RoleFollower, make(chan struct{}, 1)
+	if cfg.Bus != nil {
+		f.hub = NewBusHub(cfg.Bus)
+		if f.cfg.Leases == nil {
+			f.cfg.Leases, _ = store.(LeaseStore)
+		}
+		if fz, ok := store.(Fencer); ok {
+			f.fenced = &fencedJobs{JobStore: store, fencer: fz}
+			f.fenced.epoch.Store(noTerm)
+			f.store = f.fenced
+		}
+	}
 	nodes.SetRuntimeFunc(f.runtime)
 	return f
 }
@@ -215,9 +252,26 @@ func (f *Farm) Ping(ctx context.Context) error {
 	}
 }
 
+// With a Bus the farm is one replica of several: it serves followers' work
+// at once and schedules only while it holds the scheduler's lease
+// (runCluster).
 func (f *Farm) Run(ctx context.Context) error {
-	f.ctx = ctx
+	f.runCtx = ctx
 	defer close(f.stopped)
+	if f.clustered() {
+		if f.cfg.Leases == nil || f.fenced == nil {
+			return errors.New("cluster mode needs a job store that holds leases and fences writes")
+		}
+		return f.runCluster(ctx)
+	}
+	return f.schedulerLoop(ctx)
+}
+
+// schedulerLoop is the scheduler of one term (the whole run of a process
+// alone): it loads the queue, adopts the active jobs, follows the nodes and
+// schedules until ctx ends.
+func (f *Farm) schedulerLoop(ctx context.Context) error {
+	f.ctx = ctx
 	if err := f.loadQueue(ctx); err != nil {
 		return fmt.Errorf("load queue: %w", err)
 	}
@@ -233,11 +287,16 @@ func (f *Farm) Run(ctx context.Context) error {
 	if err := f.adopt(ctx); err != nil {
 		f.log.Error("adopt active jobs", "err", err)
 	}
-	close(f.started)
+	f.startedOnce.Do(func() { close(f.started) })
 	f.kickScheduler()
+	f.publishNodes(ctx)
 
 	tick := time.NewTicker(f.cfg.Lease / 3)
 	defer tick.Stop()
+	// In cluster mode: the node views shared, and the database searched for
+	// jobs queued on other replicas whose notice was lost.
+	share := time.NewTicker(f.cfg.ReconcileEvery)
+	defer share.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -250,8 +309,14 @@ func (f *Farm) Run(ctx context.Context) error {
 				continue
 			}
 			f.nodeChanged(ctx, ch)
+			f.publishNodes(ctx)
 		case <-f.kick:
 			f.schedule(ctx)
+		case <-share.C:
+			if f.clustered() {
+				f.publishNodes(ctx)
+				f.catchUp(ctx)
+			}
 		case <-tick.C:
 			// Only with our own leases fresh: after a database outage an
 			// expired lease of a job this instance still follows must be

@@ -1,6 +1,7 @@
 package dispatch
 
 import (
+	"context"
 	"sync"
 	"time"
 
@@ -19,6 +20,10 @@ import (
 type Hub struct {
 	mu      sync.Mutex
 	streams map[string]*jobStream
+	// bus, when set (several replicas), numbers and carries every event:
+	// Publish hands events to it, and they come back to every replica's hub
+	// through Deliver. Only jobs followed here have a stream here.
+	bus EventBus
 
 	// RingSize is how many recent events a job keeps for resumption.
 	RingSize int
@@ -40,8 +45,24 @@ func NewHub() *Hub {
 	}
 }
 
+// EventBus carries events between replicas; see cluster.Redis.
+type EventBus interface {
+	// PublishEvent numbers ev and relays it to every replica; it never blocks.
+	PublishEvent(jobID string, ev schema.Event)
+	// EventsAfter returns the job's kept events numbered after seq, in order.
+	EventsAfter(ctx context.Context, jobID string, after int64) ([]schema.Event, error)
+}
+
+// NewBusHub makes a hub whose events are numbered and carried by bus.
+func NewBusHub(bus EventBus) *Hub {
+	h := NewHub()
+	h.bus = bus
+	return h
+}
+
 type jobStream struct {
-	seq      int64
+	seq      int64 // the last event's; with a bus, 0 until one is known
+	lastAt   time.Time
 	ring     []schema.Event
 	subs     map[*subscriber]struct{}
 	terminal bool
@@ -64,7 +85,10 @@ type subscriber struct {
 func (h *Hub) stream(jobID string) *jobStream {
 	s := h.streams[jobID]
 	if s == nil {
-		s = &jobStream{seq: h.NowFunc().UnixMilli() * 1000, subs: make(map[*subscriber]struct{})}
+		s = &jobStream{subs: make(map[*subscriber]struct{}), lastAt: h.NowFunc()}
+		if h.bus == nil {
+			s.seq = h.NowFunc().UnixMilli() * 1000
+		}
 		h.streams[jobID] = s
 	}
 	return s
@@ -72,7 +96,18 @@ func (h *Hub) stream(jobID string) *jobStream {
 
 // Publish assigns the next sequence number to ev and delivers it. It returns
 // the event as delivered.
+//
+// With a bus the event is handed to it, numbered there, and delivered when
+// it comes back (Deliver); the returned event then carries no number.
 func (h *Hub) Publish(jobID string, ev schema.Event) schema.Event {
+	ev.JobID = jobID
+	if ev.Time.IsZero() {
+		ev.Time = h.NowFunc().UTC()
+	}
+	if h.bus != nil {
+		h.bus.PublishEvent(jobID, ev)
+		return ev
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s := h.stream(jobID)
@@ -81,10 +116,16 @@ func (h *Hub) Publish(jobID string, ev schema.Event) schema.Event {
 	}
 	s.seq++
 	ev.Seq = s.seq
-	ev.JobID = jobID
-	if ev.Time.IsZero() {
-		ev.Time = h.NowFunc().UTC()
+	h.appendLocked(s, ev)
+	return ev
+}
+
+// appendLocked keeps a numbered event for resumption and delivers it.
+func (h *Hub) appendLocked(s *jobStream, ev schema.Event) {
+	if ev.Type != schema.EventPreview {
+		s.seq = ev.Seq
 	}
+	s.lastAt = h.NowFunc()
 	switch n := len(s.ring); {
 	case ev.Type == schema.EventPreview:
 		// Previews are never replayed.
@@ -110,7 +151,145 @@ func (h *Hub) Publish(jobID string, ev schema.Event) schema.Event {
 		s.doneAt = h.NowFunc()
 		s.subs = map[*subscriber]struct{}{}
 	}
-	return ev
+}
+
+// busTimeout bounds one read of a job's kept events from the bus.
+const busTimeout = 5 * time.Second
+
+// Deliver takes an event numbered by the bus to this replica's subscribers
+// of its job, in order: an event already seen is dropped, and a gap (events
+// lost while the bus connection was down) is filled from the bus first.
+// Jobs nobody follows here are ignored.
+func (h *Hub) Deliver(ev schema.Event) {
+	h.mu.Lock()
+	s := h.streams[ev.JobID]
+	if s == nil || s.terminal {
+		h.mu.Unlock()
+		return
+	}
+	if ev.Type == schema.EventPreview || s.seq == 0 || ev.Seq == s.seq+1 {
+		if ev.Type == schema.EventPreview || ev.Seq > s.seq {
+			h.appendLocked(s, ev)
+		}
+		h.mu.Unlock()
+		return
+	}
+	if ev.Seq <= s.seq {
+		h.mu.Unlock()
+		return // seen
+	}
+	after := s.seq
+	h.mu.Unlock()
+	h.fill(ev.JobID, after)
+	h.mu.Lock()
+	if s := h.streams[ev.JobID]; s != nil && !s.terminal && ev.Seq > s.seq {
+		h.appendLocked(s, ev)
+	}
+	h.mu.Unlock()
+}
+
+// fill reads a job's events after seq from the bus and delivers those not
+// seen yet. Events older than the stream's first known one are kept for
+// resumption only: the stream's subscribers came later.
+func (h *Hub) fill(jobID string, after int64) {
+	if h.bus == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	evs, err := h.bus.EventsAfter(ctx, jobID, after)
+	if err != nil || len(evs) == 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.streams[jobID]
+	if s == nil {
+		return
+	}
+	var older []schema.Event
+	for _, ev := range evs {
+		switch {
+		case s.terminal:
+			return
+		case ev.Seq > s.seq:
+			h.appendLocked(s, ev)
+		case len(s.ring) > 0 && ev.Seq < s.ring[0].Seq:
+			older = append(older, ev)
+		}
+	}
+	if len(older) > 0 {
+		s.ring = append(older, s.ring...)
+		if len(s.ring) > h.RingSize {
+			s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)
+		}
+	}
+}
+
+// Resync fills every followed stream from the bus: called after the bus
+// connection came back, when events may have been missed.
+func (h *Hub) Resync() {
+	h.mu.Lock()
+	type want struct {
+		id    string
+		after int64
+	}
+	var ws []want
+	for id, s := range h.streams {
+		if !s.terminal {
+			ws = append(ws, want{id, s.seq})
+		}
+	}
+	h.mu.Unlock()
+	for _, w := range ws {
+		h.fill(w.id, w.after)
+	}
+}
+
+// follow makes sure the job has a stream here, filled from the bus when it
+// is new: with a bus, a replica keeps only the streams of jobs followed on it.
+func (h *Hub) follow(jobID string) {
+	h.mu.Lock()
+	_, ok := h.streams[jobID]
+	if !ok {
+		h.stream(jobID)
+	}
+	h.mu.Unlock()
+	if !ok {
+		h.fill(jobID, 0)
+	}
+}
+
+// Latest returns the newest queued and progress events kept for a job (nil
+// when none): what a replica that does not schedule tells of a job's place
+// and progress, as the leader published them.
+func (h *Hub) Latest(jobID string) (queued, progress *schema.Event) {
+	if h.bus != nil {
+		h.follow(jobID)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.streams[jobID]
+	if s == nil {
+		return nil, nil
+	}
+	for i := len(s.ring) - 1; i >= 0 && (queued == nil || progress == nil); i-- {
+		ev := s.ring[i]
+		switch {
+		case ev.Type == schema.EventQueued && queued == nil:
+			queued = &ev
+		case ev.Type == schema.EventProgress && progress == nil:
+			progress = &ev
+		case ev.Type == schema.EventDispatched || ev.Type == schema.EventRunning:
+			if queued == nil {
+				queued = &schema.Event{} // it left the queue: older positions are stale
+			}
+		}
+	}
+	if queued != nil && queued.Type == "" {
+		queued = nil
+	}
+	return queued, progress
 }
 
 // LastSeq is the newest sequence number of the job's stream (0 if none).
@@ -132,6 +311,9 @@ func (h *Hub) LastSeq(jobID string) int64 {
 // (state events restate, they never contradict).
 func (h *Hub) Subscribe(jobID string, after int64, previews bool, snapshot func() (*schema.Job, error)) (<-chan schema.Event, func(), error) {
 	sub := &subscriber{notify: make(chan struct{}, 1), previews: previews}
+	if h.bus != nil {
+		h.follow(jobID)
+	}
 	h.mu.Lock()
 	s := h.stream(jobID)
 	resumed := false
@@ -325,8 +507,13 @@ func (h *Hub) GC() int {
 	defer h.mu.Unlock()
 	n := 0
 	cut := h.NowFunc().Add(-h.Linger)
+	idle := h.NowFunc().Add(-min(h.Linger, time.Minute))
 	for id, s := range h.streams {
 		if s.terminal && s.doneAt.Before(cut) {
+			delete(h.streams, id)
+			n++
+		} else if h.bus != nil && len(s.subs) == 0 && s.lastAt.Before(idle) {
+			// Nobody here follows it: the bus keeps it, read again on demand.
 			delete(h.streams, id)
 			n++
 		} else if !s.terminal && len(s.subs) == 0 && len(s.ring) == 0 {

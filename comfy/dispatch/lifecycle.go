@@ -349,7 +349,10 @@ func (f *Farm) adopt(ctx context.Context) error {
 	now := f.cfg.NowFunc()
 	for i := range jobs {
 		job := &jobs[i]
-		if job.LeaseOwner != "" && job.LeaseOwner != f.cfg.InstanceID && job.LeaseExpiresAt != nil && job.LeaseExpiresAt.After(now) {
+		// Alone, a job another live instance follows is its own. In a
+		// cluster only the leader follows jobs, and a term's writes are
+		// fenced: the new leader takes every active job over at once.
+		if !f.clustered() && job.LeaseOwner != "" && job.LeaseOwner != f.cfg.InstanceID && job.LeaseExpiresAt != nil && job.LeaseExpiresAt.After(now) {
 			continue // another live instance follows it
 		}
 		r := f.runner(job.Node)

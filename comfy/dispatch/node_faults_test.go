@@ -175,12 +175,17 @@ func TestFarmGarbageHistoryNodeIsDegraded(t *testing.T) {
 		}
 		// The garbage node's prompts take 300 ms, so that each failure is
 		// found out (in milliseconds) before the prompt after it ends.
+		// The healthy node takes 150 ms a job, so that the queue lasts
+		// long enough for the garbage node to be given three jobs however
+		// fast the machine runs the rest (at 40 ms it emptied the queue
+		// before the second failure on a quiet machine).
 		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}}
-		e := newFarmEnvWith(t, cfg, []comfytest.Options{slow, sdOptions()}, func(c *FarmConfig) {
+		healthy := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 150 * time.Millisecond}}
+		e := newFarmEnvWith(t, cfg, []comfytest.Options{slow, healthy}, func(c *FarmConfig) {
 			c.HistoryWait = 30 * time.Second
 		}, nil, rewriteHistory(t, garbage, "n1"))
 		var ids []string
-		for i := range 12 {
+		for i := range 20 {
 			ids = append(ids, e.submit("alpha", "g", sdGraph(ckptXL, 1, i), 0).ID)
 		}
 		onGarbage := 0

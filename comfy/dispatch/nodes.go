@@ -355,7 +355,23 @@ func (n *Nodes) Load(ctx context.Context, configNodes []schema.Node) error {
 		}
 		keep = append(keep, r)
 	}
+	n.applyStored(keep)
+	return nil
+}
 
+// Sync reads the stored nodes again and brings the registry in line: nodes
+// another replica added, changed (URL, tags, drain) or removed.
+func (n *Nodes) Sync(ctx context.Context) error {
+	rows, err := n.store.NodeList(ctx)
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	n.applyStored(rows)
+	return nil
+}
+
+// applyStored makes the registry hold exactly the stored nodes keep.
+func (n *Nodes) applyStored(keep []schema.Node) {
 	var changes []NodeChange
 	n.mu.Lock()
 	inStore := map[string]bool{}
@@ -390,7 +406,6 @@ func (n *Nodes) Load(ctx context.Context, configNodes []schema.Node) error {
 	}
 	n.mu.Unlock()
 	n.emit(changes...)
-	return nil
 }
 
 // List returns every node's view, sorted by name.

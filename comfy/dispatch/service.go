@@ -17,6 +17,7 @@ import (
 	"github.com/oklog/ulid/v2"
 
 	"github.com/comfyfarm/comfyfarm/comfy"
+	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -170,12 +171,16 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		return nil, err
 	}
 	f.metrics.submitted.WithLabelValues(p.Frontend).Inc()
-	f.mu.Lock()
-	f.queue.Push(&pendingJob{ID: id, Frontend: p.Frontend, Priority: p.Priority, Created: now, Classes: probe.Classes,
-		Models: g.Models(), Needs: probe.Needs, Req: req})
-	f.publishPositionsLocked()
-	f.mu.Unlock()
-	f.kickScheduler()
+	if f.leading() {
+		f.mu.Lock()
+		f.queue.Push(&pendingJob{ID: id, Frontend: p.Frontend, Priority: p.Priority, Created: now, Classes: probe.Classes,
+			Models: g.Models(), Needs: probe.Needs, Req: req})
+		f.publishPositionsLocked()
+		f.mu.Unlock()
+		f.kickScheduler()
+	}
+	// The leader, when it is another replica, queues it now.
+	f.notify(ctx, cluster.Notice{Kind: cluster.NoticeSubmitted, JobID: id})
 	return f.view(ctx, job), nil
 }
 
@@ -364,8 +369,19 @@ func (f *Farm) view(ctx context.Context, j *schema.Job) *schema.Job {
 	case schema.JobQueued:
 		if p, ok := f.position(v.ID); ok {
 			v.Position = p
+		} else if f.clustered() {
+			// Another replica schedules: its last published position.
+			if q, _ := f.hub.Latest(v.ID); q != nil && q.Position != nil {
+				v.Position = *q.Position
+			}
 		}
 	case schema.JobDispatched, schema.JobRunning:
+		if f.clustered() && f.runner(v.Node) == nil {
+			if _, pr := f.hub.Latest(v.ID); pr != nil && pr.Value != nil && pr.Max != nil {
+				p := schema.NewProgress(pr.NodeID, *pr.Value, *pr.Max)
+				v.Progress = &p
+			}
+		}
 		if r := f.runner(v.Node); r != nil {
 			r.mu.Lock()
 			if a := r.jobs[v.ID]; a != nil && a.progress != nil {
@@ -486,7 +502,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 		f.mu.Lock()
 		pj := f.queue.Remove(id)
 		f.mu.Unlock()
-		done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+		done, err := f.db.JobUpdate(ctx, dbcontrollers.JobUpdate{
 			ID: id, From: []schema.JobState{schema.JobQueued}, State: schema.JobCancelled, FinishedAt: ptr(f.cfg.NowFunc().UTC()),
 		})
 		if err != nil {
@@ -516,7 +532,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 		}
 		r.mu.Unlock()
 	}
-	done, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
+	done, err := f.db.JobUpdate(ctx, dbcontrollers.JobUpdate{
 		ID: id, From: []schema.JobState{schema.JobDispatched, schema.JobRunning}, State: schema.JobCancelled,
 		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true, CancelRequested: ptr(true),
 	})
@@ -532,25 +548,59 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 		return nil, err
 	}
 	if r != nil && a != nil {
-		r.mu.Lock()
-		pid := a.promptID
-		r.mu.Unlock()
-		if pid != "" {
-			_ = r.client.DeletePending(ctx, pid)
-			if err := r.interrupt(ctx, a); err != nil {
-				r.log.Warn("interrupt cancelled job", "job_id", id, "err", err)
-			}
-		}
-		// The node slot stays taken until the node says the prompt ended;
-		// reconcile forgets it if it was only pending.
-		r.mu.Lock()
-		a.lastSign = f.cfg.NowFunc().Add(-f.cfg.ReconcileEvery)
-		r.mu.Unlock()
+		f.takeOff(ctx, r, a)
 	}
 	return f.cancelled(ctx, done), nil
 }
 
+// takeOff removes a cancelled job's prompt from its node: deleted from the
+// node's queue, interrupted if it runs.
+func (f *Farm) takeOff(ctx context.Context, r *runner, a *active) {
+	r.mu.Lock()
+	pid := a.promptID
+	r.mu.Unlock()
+	if pid != "" {
+		_ = r.client.DeletePending(ctx, pid)
+		if err := r.interrupt(ctx, a); err != nil {
+			r.log.Warn("interrupt cancelled job", "job_id", a.jobID, "err", err)
+		}
+	}
+	// The node slot stays taken until the node says the prompt ended;
+	// reconcile forgets it if it was only pending.
+	r.mu.Lock()
+	a.lastSign = f.cfg.NowFunc().Add(-f.cfg.ReconcileEvery)
+	r.mu.Unlock()
+}
+
+// cancelHere does a cancel's part that belongs to the scheduler when another
+// replica took it: the job leaves the queue, or its node.
+func (f *Farm) cancelHere(ctx context.Context, id string) {
+	f.mu.Lock()
+	removed := f.queue.Remove(id) != nil
+	if removed {
+		f.publishPositionsLocked()
+	}
+	f.mu.Unlock()
+	if removed {
+		f.kickScheduler()
+		return
+	}
+	for _, r := range f.runnerList() {
+		r.mu.Lock()
+		a := r.jobs[id]
+		if a != nil {
+			a.zombie = true
+		}
+		r.mu.Unlock()
+		if a != nil {
+			f.takeOff(ctx, r, a)
+			return
+		}
+	}
+}
+
 func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
+	f.notify(ctx, cluster.Notice{Kind: cluster.NoticeCancel, JobID: j.ID})
 	f.metrics.jobFinished(j)
 	f.refund(ctx, j)
 	f.hub.Publish(j.ID, schema.Event{Type: schema.EventCancelled})
@@ -562,7 +612,7 @@ func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
 }
 
 // Nodes lists node views.
-func (f *Farm) Nodes(ctx context.Context) ([]schema.NodeView, error) { return f.nodes.List(), nil }
+func (f *Farm) Nodes(ctx context.Context) ([]schema.NodeView, error) { return f.nodeViews(ctx), nil }
 
 // NodeAdd registers a node; the farm starts following it.
 func (f *Farm) NodeAdd(ctx context.Context, n schema.Node) (*schema.NodeView, error) {
@@ -570,11 +620,18 @@ func (f *Farm) NodeAdd(ctx context.Context, n schema.Node) (*schema.NodeView, er
 	if err != nil {
 		return nil, err
 	}
+	f.notify(ctx, cluster.Notice{Kind: cluster.NoticeNodes, Node: v.Name})
 	return &v, nil
 }
 
 // NodeRemove unregisters a node; its jobs are requeued.
-func (f *Farm) NodeRemove(ctx context.Context, name string) error { return f.nodes.Remove(ctx, name) }
+func (f *Farm) NodeRemove(ctx context.Context, name string) error {
+	if err := f.nodes.Remove(ctx, name); err != nil {
+		return err
+	}
+	f.notify(ctx, cluster.Notice{Kind: cluster.NoticeNodes, Node: name})
+	return nil
+}
 
 // NodeDrain sets or clears a node's drain flag.
 func (f *Farm) NodeDrain(ctx context.Context, name string, drain bool) (*schema.NodeView, error) {
@@ -583,11 +640,26 @@ func (f *Farm) NodeDrain(ctx context.Context, name string, drain bool) (*schema.
 		return nil, err
 	}
 	f.kickScheduler()
+	f.notify(ctx, cluster.Notice{Kind: cluster.NoticeNodes, Node: name})
 	return &v, nil
 }
 
-// NodeProbe probes a node now.
+// NodeProbe probes a node now (and has the leader probe it, when another
+// replica leads).
 func (f *Farm) NodeProbe(ctx context.Context, name string) (*schema.NodeView, error) {
+	v, err := f.probeHere(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if f.clustered() && !f.leading() {
+		f.notify(ctx, cluster.Notice{Kind: cluster.NoticeProbe, Node: name})
+	}
+	return v, nil
+}
+
+// probeHere probes a node from this replica and reads its catalogue again
+// when this replica follows it.
+func (f *Farm) probeHere(ctx context.Context, name string) (*schema.NodeView, error) {
 	v, err := f.nodes.ProbeNow(ctx, name)
 	if err != nil {
 		return nil, err

@@ -77,6 +77,7 @@ func newClusterEnv(t *testing.T, n, nodes int, nodeOpts comfytest.Options) *clus
 frontends:
   style: {api_keys: [style-key], controller: style, credits: {initial: 1000, cost_per_job: 1}}
   logo: {api_keys: [logo-key], controller: logo}
+limits: {rate_per_minute: 0, submit_per_minute: 0}
 `, clusterLease)
 	c.conf = filepath.Join(c.dir, "comfyfarm.yaml")
 	if err := os.WriteFile(c.conf, []byte(conf.String()), 0o600); err != nil {

@@ -321,13 +321,20 @@ func (c *clusterEnv) checkJobs(ids []string) {
 	t := c.t
 	i := c.next(0)
 	s := &stack{t: t, base: c.replicas[i].base(), http: &http.Client{Timeout: 30 * time.Second}}
+	again := 0
 	for _, id := range ids {
 		var j schema.Job
 		s.getJSON("/api/v1/jobs/"+id, "style-key", &j)
-		if j.State != schema.JobSucceeded || len(j.Outputs) != 1 || j.Attempts != 1 {
+		// A second attempt is a claim whose prompt never reached a node
+		// (the leader died between the two): it still ran once.
+		if j.State != schema.JobSucceeded || len(j.Outputs) != 1 || j.Attempts > 2 {
 			t.Errorf("job %s: %s, %d outputs, %d attempts", id, j.State, len(j.Outputs), j.Attempts)
 		}
+		if j.Attempts > 1 {
+			again++
+		}
 	}
+	t.Logf("%d jobs claimed a second time", again)
 	var u schema.User
 	s.getJSON("/api/v1/users/u-cluster", "style-key", &u)
 	if u.Credits != 1000-int64(len(ids)) || u.PhotoCount != int64(len(ids)) {

@@ -55,15 +55,19 @@ const noTerm = -1
 type fencedJobs struct {
 	JobStore
 	fencer Fencer
-	epoch  atomic.Int64
-	lost   func() // called on a fenced write: the term is over
+	epoch   atomic.Int64
+	lost    atomic.Pointer[func()] // called on a fenced write: the term is over
+	refused atomic.Int64 // writes refused by the fence, over every term
 }
 
 func (s *fencedJobs) cur() *dbcontrollers.Store { return s.fencer.Fenced(s.epoch.Load()) }
 
 func (s *fencedJobs) check(err error) {
-	if errors.Is(err, dbcontrollers.ErrFenced) && s.lost != nil {
-		s.lost()
+	if errors.Is(err, dbcontrollers.ErrFenced) {
+		s.refused.Add(1)
+		if lost := s.lost.Load(); lost != nil {
+			(*lost)()
+		}
 	}
 }
 
@@ -200,7 +204,8 @@ func (f *Farm) lead(ctx context.Context, l dbcontrollers.Leadership) {
 	f.cl.termLost = lost
 	f.cl.mu.Unlock()
 	f.fenced.epoch.Store(l.Epoch)
-	f.fenced.lost = func() { lostOnce.Do(func() { close(lost) }) }
+	onLost := func() { lostOnce.Do(func() { close(lost) }) }
+	f.fenced.lost.Store(&onLost)
 	f.log.Info("leading the farm", "epoch", l.Epoch)
 
 	var keeper sync.WaitGroup

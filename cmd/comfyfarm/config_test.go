@@ -208,6 +208,11 @@ func TestConfigRefused(t *testing.T) {
 		{"env invalid int", "", []string{"COMFYFARM_OSS_URL_TTL=1h", "COMFYFARM_LIMITS_MAX_UPLOAD_MB=x"}, []string{"COMFYFARM_LIMITS_MAX_UPLOAD_MB", "integer"}},
 		{"short admin key", "admin_key: abc\n", nil, []string{"admin_key"}},
 		{"bad instance id", "scheduler: {instance_id: \"a b\"}\n", nil, []string{"scheduler.instance_id"}},
+		{"leader lease too short", "scheduler: {leader_lease: 100ms}\n", nil, []string{"scheduler.leader_lease"}},
+		{"replicas on sqlite", "cluster: {redis_url: \"redis://127.0.0.1:6379/0\", secret: 0123456789abcdef0123456789abcdef}\nadmin_key: admin-key-0123456789\n", nil, []string{"cluster.redis_url", "mysql"}},
+		{"replicas without a shared secret", "database: {driver: mysql, dsn: \"u@tcp(127.0.0.1:3306)/\"}\ncluster: {redis_url: \"redis://127.0.0.1:6379/0\"}\nadmin_key: admin-key-0123456789\n", nil, []string{"cluster.secret"}},
+		{"replicas without an admin key", "database: {driver: mysql, dsn: \"u@tcp(127.0.0.1:3306)/\"}\ncluster: {redis_url: \"redis://127.0.0.1:6379/0\", secret: 0123456789abcdef0123456789abcdef}\n", nil, []string{"admin_key", "every replica"}},
+		{"not a redis url", "database: {driver: mysql, dsn: \"u@tcp(127.0.0.1:3306)/\"}\ncluster: {redis_url: \"http://x\", secret: 0123456789abcdef0123456789abcdef}\nadmin_key: admin-key-0123456789\n", nil, []string{"cluster.redis_url"}},
 		{"short metrics key", "metrics_key: abc\n", nil, []string{"metrics_key", "shorter"}},
 		{"metrics key is an api key", "metrics_key: shared-key-0123456789\nfrontends:\n  a: {api_keys: [shared-key-0123456789]}\n", nil, []string{"metrics_key", "frontends.a"}},
 	}

@@ -81,6 +81,71 @@ func TestComposeFileValid(t *testing.T) {
 	}
 }
 
+// TestComposeReplicasValid loads docker/compose.replicas.yaml: two replicas
+// on one database and one Redis, each its own host name and data, storage
+// shared, the cluster settings given.
+func TestComposeReplicasValid(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join("..", "..", "docker")
+	for _, name := range []string{"compose.replicas.yaml", "comfyfarm.yaml"} {
+		data, err := os.ReadFile(filepath.Join(src, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "secrets"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"db_root_password", "db_password", "comfyfarm_dsn", "admin_key", "cluster_secret"} {
+		if err := os.WriteFile(filepath.Join(dir, "secrets", s), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts, err := composecli.NewProjectOptions([]string{filepath.Join(dir, "compose.replicas.yaml")},
+		composecli.WithWorkingDirectory(dir), composecli.WithProfiles([]string{"sim"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := opts.LoadProject(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := p.ServiceNames()
+	slices.Sort(got)
+	if want := []string{"comfyfarm-1", "comfyfarm-2", "db", "lb", "redis", "sim-1", "sim-2"}; !slices.Equal(got, want) {
+		t.Fatalf("services %q, want %q", got, want)
+	}
+	hosts := map[string]bool{}
+	for _, name := range []string{"comfyfarm-1", "comfyfarm-2"} {
+		r, err := p.GetService(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hosts[r.Hostname] = true
+		if v := r.Environment["COMFYFARM_CLUSTER_REDIS_URL"]; v == nil || !strings.HasPrefix(*v, "redis://redis:") {
+			t.Errorf("%s: cluster.redis_url %v", name, v)
+		}
+		for _, k := range []string{"COMFYFARM_DATABASE_DSN_FILE", "COMFYFARM_ADMIN_KEY_FILE", "COMFYFARM_CLUSTER_SECRET_FILE"} {
+			if v := r.Environment[k]; v == nil || !strings.HasPrefix(*v, "/run/secrets/") {
+				t.Errorf("%s: %s = %v: want a Docker secret", name, k, v)
+			}
+		}
+		shared := false
+		for _, v := range r.Volumes {
+			shared = shared || (v.Source == "files" && v.Target == "/files")
+		}
+		if !shared || *r.Environment["COMFYFARM_STORAGE_LOCAL_DIR"] != "/files" {
+			t.Errorf("%s: outputs not on the shared volume", name)
+		}
+	}
+	if len(hosts) != 2 {
+		t.Errorf("the replicas share a host name (their instance id): %v", hosts)
+	}
+}
+
 // dockerfileLines reads docker/Dockerfile with its continued lines joined.
 func dockerfileLines(t *testing.T) string {
 	t.Helper()

@@ -54,10 +54,10 @@ const noTerm = -1
 // replica took the lease. Reads and inserts go to the store as is.
 type fencedJobs struct {
 	JobStore
-	fencer Fencer
+	fencer  Fencer
 	epoch   atomic.Int64
 	lost    atomic.Pointer[func()] // called on a fenced write: the term is over
-	refused atomic.Int64 // writes refused by the fence, over every term
+	refused atomic.Int64           // writes refused by the fence, over every term
 }
 
 func (s *fencedJobs) cur() *dbcontrollers.Store { return s.fencer.Fenced(s.epoch.Load()) }

@@ -211,6 +211,12 @@ func (f *Farm) isOutputClass(class string) bool {
 	if comfy.DefaultOutputClasses[class] {
 		return true
 	}
+	if f.clustered() && !f.leading() {
+		// Catalogues are read by the leader only: a class this replica
+		// cannot look up may be a custom output node. The node's own
+		// validation refuses a workflow that has none.
+		return true
+	}
 	for _, r := range f.runnerList() {
 		if r.knownClasses()[class] {
 			return true

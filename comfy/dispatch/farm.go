@@ -371,9 +371,7 @@ func (f *Farm) loadQueue(ctx context.Context) error {
 
 // failQueued fails a job that never left the queue.
 func (f *Farm) failQueued(ctx context.Context, id string, jerr *schema.JobError) {
-	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
-		ID: id, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed, Error: jerr, FinishedAt: ptr(f.cfg.NowFunc().UTC()),
-	})
+	job, err := f.store.JobUpdate(ctx, dbcontrollers.JobFailQueued(id, jerr, f.cfg.NowFunc()))
 	if err != nil {
 		return
 	}
@@ -383,37 +381,58 @@ func (f *Farm) failQueued(ctx context.Context, id string, jerr *schema.JobError)
 }
 
 // schedule starts as many queued jobs as there are free node slots.
+//
+// The scheduling lock is held only to pick: the job leaves the queue and
+// its node slot is held before the claim (one short transaction) runs
+// without the lock, so submits, cancels and position reads never wait on
+// the database. A claim that loses (the job was cancelled meanwhile) gives
+// the slot back; one the database could not answer puts the job back.
 func (f *Farm) schedule(ctx context.Context) {
 	if ctx.Err() != nil {
 		return
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
 	var dispatched []string
-	for f.queue.Len() > 0 {
+	defer func() {
+		f.mu.Lock()
+		f.publishPositionsLocked(dispatched...)
+		f.mu.Unlock()
+	}()
+	for {
+		f.mu.Lock()
 		pj, node := f.pickLocked()
 		if pj == nil {
-			break
+			f.mu.Unlock()
+			return
 		}
+		f.queue.Take(pj.ID)
 		r := f.runner(node)
+		a := r.hold(pj)
+		f.mu.Unlock()
+
 		job, err := f.store.JobClaim(ctx, dbcontrollers.ClaimParams{
 			ID: pj.ID, Node: node, Owner: f.cfg.InstanceID, LeaseUntil: f.cfg.NowFunc().Add(f.cfg.Lease),
 		})
-		f.queue.Take(pj.ID)
 		if err != nil {
+			r.release(a)
 			if !errors.Is(err, schema.ErrConflict) && !errors.Is(err, schema.ErrNotFound) {
-				f.log.Error("claim job", "job_id", pj.ID, "node", node, "err", err)
+				if ctx.Err() == nil {
+					f.log.Error("claim job", "job_id", pj.ID, "node", node, "err", err)
+				}
+				f.mu.Lock()
 				f.queue.Push(pj) // the database will say later
-				break
+				f.mu.Unlock()
+				return
 			}
 			continue // cancelled or taken meanwhile
 		}
+		f.mu.Lock()
 		delete(f.positions, pj.ID)
+		f.mu.Unlock()
 		dispatched = append(dispatched, pj.ID)
 		if job.Attempts == 1 {
 			f.metrics.queueWait.WithLabelValues(job.Frontend).Observe(f.cfg.NowFunc().Sub(job.CreatedAt).Seconds())
 		}
-		a := r.reserve(job, pj, true)
+		r.claimed(a, job)
 		f.hub.Publish(job.ID, schema.Event{Type: schema.EventDispatched, Node: node})
 		f.wg.Add(1)
 		go func() {
@@ -421,7 +440,6 @@ func (f *Farm) schedule(ctx context.Context) {
 			r.dispatch(ctx, job, a)
 		}()
 	}
-	f.publishPositionsLocked(dispatched...)
 }
 
 // pickLocked finds the first job in plan order that some free node can run,

@@ -14,7 +14,7 @@ import (
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
-var activeStates = []schema.JobState{schema.JobDispatched, schema.JobRunning, schema.JobStoring}
+var activeStates = dbcontrollers.ActiveStates
 
 func ptr[T any](v T) *T { return &v }
 
@@ -78,10 +78,7 @@ func (f *Farm) markRunning(ctx context.Context, r *runner, a *active) {
 	a.state = schema.JobRunning
 	a.runSince = now
 	r.mu.Unlock()
-	_, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
-		ID: a.jobID, From: []schema.JobState{schema.JobDispatched}, State: schema.JobRunning, StartedAt: ptr(now.UTC()),
-		Attempt: attemptOf(a.ref()),
-	})
+	_, err := f.store.JobUpdate(ctx, dbcontrollers.JobMarkRunning(a.jobID, a.attempt, now))
 	if err != nil {
 		if !errors.Is(err, schema.ErrConflict) {
 			r.log.Error("mark running", "job_id", a.jobID, "err", err)
@@ -99,10 +96,7 @@ func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *sc
 	if r != nil {
 		r.forget(ref)
 	}
-	u := dbcontrollers.JobUpdate{
-		ID: ref.id, From: activeStates, State: schema.JobFailed, Error: jerr, Attempt: attemptOf(ref),
-		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
-	}
+	u := dbcontrollers.JobFail(ref.id, ref.attempt, jerr, f.cfg.NowFunc())
 	job, err := f.store.JobUpdate(ctx, u)
 	if unanswered(ctx, err) {
 		// The database is away. Finish the job when it is back, off the
@@ -217,10 +211,7 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 	if r != nil {
 		r.forget(ref)
 	}
-	job, err = f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
-		ID: ref.id, From: activeStates, State: schema.JobQueued, Node: ptr(""), PromptID: ptr(""), ClearLease: true,
-		Attempt: &job.Attempts, Attempts: &attempts,
-	})
+	job, err = f.store.JobUpdate(ctx, dbcontrollers.JobRequeue(ref.id, job.Attempts, attempts))
 	if err != nil {
 		if !errors.Is(err, schema.ErrConflict) {
 			f.log.Error("requeue", "job_id", ref.id, "err", err)
@@ -360,9 +351,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 			f.requeue(ctx, nil, jobRef{job.ID, job.Attempts}, "its node is no longer registered")
 			continue
 		}
-		if _, err := f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{
-			ID: job.ID, From: activeStates, LeaseOwner: ptr(f.cfg.InstanceID), LeaseUntil: ptr(f.cfg.NowFunc().Add(f.cfg.Lease)),
-		}); err != nil {
+		if _, err := f.store.JobUpdate(ctx, dbcontrollers.JobAdopt(job.ID, f.cfg.InstanceID, f.cfg.NowFunc().Add(f.cfg.Lease))); err != nil {
 			continue
 		}
 		pj, _ := pendingFromJob(job, f.cfg.MaxGraphNodes)

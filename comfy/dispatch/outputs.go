@@ -35,7 +35,7 @@ import (
 // While storage fails the job stays storing and this retries with back-off:
 // a job is never succeeded without its objects.
 func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *comfy.HistoryEntry) {
-	job, err := f.updateJob(ctx, dbcontrollers.JobUpdate{ID: a.jobID, From: activeStates, State: schema.JobStoring, Attempt: attemptOf(a.ref())})
+	job, err := f.updateJob(ctx, dbcontrollers.JobMarkStoring(a.jobID, a.attempt))
 	if err != nil {
 		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {
 			r.log.Error("mark storing", "job_id", a.jobID, "err", err)
@@ -259,10 +259,7 @@ func safeBase(name string) string {
 
 // succeed marks the job succeeded with its outputs and tells subscribers.
 func (f *Farm) succeed(ctx context.Context, r *runner, job *schema.Job, outputs []schema.Output) {
-	done, err := f.updateJob(ctx, dbcontrollers.JobUpdate{
-		ID: job.ID, From: []schema.JobState{schema.JobStoring}, State: schema.JobSucceeded, Attempt: &job.Attempts,
-		Outputs: outputs, FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true,
-	})
+	done, err := f.updateJob(ctx, dbcontrollers.JobSucceed(job.ID, job.Attempts, outputs, f.cfg.NowFunc()))
 	r.forget(jobRef{job.ID, job.Attempts})
 	if err != nil {
 		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {

@@ -77,14 +77,6 @@ type jobRef struct {
 
 func (a *active) ref() jobRef { return jobRef{a.jobID, a.attempt} }
 
-// attemptOf is the JobUpdate condition for ref: nil when it names none.
-func attemptOf(ref jobRef) *int {
-	if ref.attempt == 0 {
-		return nil
-	}
-	return &ref.attempt
-}
-
 func (f *Farm) startRunner(ctx context.Context, name string) {
 	n, ok := f.nodes.Node(name)
 	if !ok {
@@ -269,6 +261,39 @@ func (r *runner) jobCount() int {
 	return len(r.jobs)
 }
 
+// hold takes a node slot for a job about to be claimed (the scheduler picked
+// this node for it); claimed completes it, release gives it back.
+func (r *runner) hold(pj *pendingJob) *active {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.seq++
+	a := &active{
+		jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: true, avoid: pj.Avoid,
+		epoch: r.streamEpoch,
+	}
+	r.jobs[pj.ID] = a
+	return a
+}
+
+// claimed records the attempt a held slot's claim gave the job.
+func (r *runner) claimed(a *active, job *schema.Job) {
+	r.mu.Lock()
+	a.attempt = job.Attempts
+	a.lastSign = r.farm.cfg.NowFunc()
+	r.mu.Unlock()
+}
+
+// release gives back a slot whose claim failed.
+func (r *runner) release(a *active) {
+	r.mu.Lock()
+	if r.jobs[a.jobID] == a {
+		delete(r.jobs, a.jobID)
+	}
+	r.mu.Unlock()
+	r.farm.kickScheduler()
+}
+
 // reserve counts a claimed job against the node before it is posted.
 // posting is true for a job about to be posted, false for one adopted.
 func (r *runner) reserve(job *schema.Job, pj *pendingJob, posting bool) *active {
@@ -364,8 +389,7 @@ func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
 		r.bind(job.ID, resp.PromptID) // an older server chose its own id
 	}
 	posted()
-	pidCopy := resp.PromptID
-	_, err = f.store.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: job.ID, From: activeStates, PromptID: &pidCopy, Attempt: &job.Attempts})
+	_, err = f.store.JobUpdate(ctx, dbcontrollers.JobRecordPrompt(job.ID, job.Attempts, resp.PromptID))
 	cancelled := errors.Is(err, schema.ErrConflict)
 	if cancelled {
 		// The job ended while it was posted; only a cancel does that.

@@ -508,9 +508,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 		f.mu.Lock()
 		pj := f.queue.Remove(id)
 		f.mu.Unlock()
-		done, err := f.db.JobUpdate(ctx, dbcontrollers.JobUpdate{
-			ID: id, From: []schema.JobState{schema.JobQueued}, State: schema.JobCancelled, FinishedAt: ptr(f.cfg.NowFunc().UTC()),
-		})
+		done, err := f.db.JobUpdate(ctx, dbcontrollers.JobCancelQueued(id, f.cfg.NowFunc()))
 		if err != nil {
 			if errors.Is(err, schema.ErrConflict) {
 				// Claimed between our read and the update: cancel it where it went.
@@ -538,10 +536,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 		}
 		r.mu.Unlock()
 	}
-	done, err := f.db.JobUpdate(ctx, dbcontrollers.JobUpdate{
-		ID: id, From: []schema.JobState{schema.JobDispatched, schema.JobRunning}, State: schema.JobCancelled,
-		FinishedAt: ptr(f.cfg.NowFunc().UTC()), ClearLease: true, CancelRequested: ptr(true),
-	})
+	done, err := f.db.JobUpdate(ctx, dbcontrollers.JobCancelActive(id, f.cfg.NowFunc()))
 	if err != nil {
 		if r != nil && a != nil {
 			r.mu.Lock()

@@ -84,10 +84,7 @@ func (f *Farm) failUnrunnable(ctx context.Context) {
 			jerr.Message = "no registered node offers all of its values: " + describeMissing(d.values)
 			jerr.Details = map[string]any{"missing": d.values}
 		}
-		u := dbcontrollers.JobUpdate{
-			ID: d.pj.ID, From: []schema.JobState{schema.JobQueued}, State: schema.JobFailed,
-			Error: jerr, FinishedAt: ptr(now.UTC()),
-		}
+		u := dbcontrollers.JobFailQueued(d.pj.ID, jerr, now)
 		job, err := f.store.JobUpdate(ctx, u)
 		if errors.Is(err, schema.ErrConflict) {
 			// Cancelled meanwhile, or failed by an earlier try whose answer

@@ -26,6 +26,15 @@
 //
 // A job moves only by compare-and-set on its state in the control database,
 // so a late event can never move it backwards or out of a terminal state.
+// Every change is one of the named transitions of dbcontrollers
+// (job_transitions.go: JobMarkRunning, JobMarkStoring, JobSucceed, JobFail,
+// JobRequeue, JobCancelActive, ...), which says from which states it
+// applies; transitions of a running job name its attempt.
+//
+// The scheduler's lock is held only to pick a job and a node: the job
+// leaves the queue and the node slot is held, then the claim (one short
+// transaction) runs without the lock, so submits, cancels and position
+// reads never wait on the database.
 //
 // Each claim counts an attempt. A requeue keeps it (the node ran some of the
 // job, or may have), except when the post never reached the node: a
@@ -113,4 +122,31 @@
 // died are returned to the queue by the rescuer when their lease expires.
 // Output storing is idempotent (fixed object keys, unique photo rows), so a
 // repeated completion adds nothing twice.
+//
+// # Several replicas
+//
+// With a Bus (cluster.redis_url) the farm is one of several replicas on one
+// control database (cluster.go). Every replica serves the API; one leads:
+// the holder of the scheduler's lease row (dbcontrollers.LeaderAcquire),
+// renewed every third of LeaderLease on the database's clock. Only the
+// leader runs the scheduler, the runners and the prober, for one term:
+//
+//	follower --lease free or expired--> leader (new epoch: load the queue,
+//	   ^                                 adopt every active job from the nodes)
+//	   |                                        |
+//	   +-- renewal refused or late, a write ----+
+//	       refused by the fence, or a clean stop (the lease given up at once)
+//
+// Every job write of a term carries its epoch (fencedJobs): the store checks
+// it against the lease row in the write's own transaction, so a leader that
+// was paused past its lease cannot write once another took over; its first
+// refused write ends its term. Events are numbered and relayed by the bus
+// (one Redis Stream per job, numbered by a script, relayed by pub/sub), so
+// whichever replica publishes, every subscriber sees one order and resumes
+// anywhere; the hub of each replica keeps only the streams followed on it
+// and fills gaps from the bus. A submit or cancel taken by a follower, and
+// node registrations changed anywhere, are announced by notices; the leader
+// also looks for queued jobs it does not hold every ReconcileEvery, in case
+// a notice was lost. Followers answer positions and progress from the
+// leader's published events and node views from the leader's shared views.
 package dispatch

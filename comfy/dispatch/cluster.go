@@ -162,6 +162,7 @@ func (f *Farm) runCluster(ctx context.Context) error {
 	every := f.cfg.LeaderLease / 3
 	for {
 		l, err := f.cfg.Leases.LeaderAcquire(ctx, dbcontrollers.LeaderScheduler, f.cfg.InstanceID, f.cfg.LeaderLease, 0)
+		signal(f.sigs().leaseTried, l.Holder)
 		switch {
 		case ctx.Err() != nil:
 			f.bg.Wait()

@@ -48,6 +48,7 @@ func startReplicaFarm(t *testing.T, id string, dbcfg dbcontrollers.Config, redis
 		HistoryWait: 5 * time.Second, Logger: testLogger().With("replica", id),
 	}, store, reg, storage, nodes)
 	f.leaseHook = func() bool { return !r.paused.Load() }
+	f.sig = newTestSignals()
 	r.farm = f
 	go func() {
 		defer close(r.done)
@@ -138,9 +139,18 @@ func TestClusterStaleLeaderIsFenced(t *testing.T) {
 	if err != nil || len(photos) != 1 {
 		t.Errorf("photos: %d, %v; want 1", len(photos), err)
 	}
-	// Unpaused, a stays a follower of b.
+	// Unpaused, a stays a follower of b: two more tries of the lease.
+	for len(a.farm.sig.leaseTried) > 0 {
+		<-a.farm.sig.leaseTried
+	}
 	a.paused.Store(false)
-	time.Sleep(1500 * time.Millisecond)
+	for range 2 {
+		select {
+		case <-a.farm.sig.leaseTried:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a does not try the lease")
+		}
+	}
 	if role, leader := a.farm.Role(); role != RoleFollower || leader != "b" {
 		t.Errorf("a after resuming: %s, leader %q", role, leader)
 	}

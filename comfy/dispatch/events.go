@@ -226,6 +226,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		return
 	}
 	defer r.reconciling.Unlock()
+	defer signal(r.farm.sigs().reconciled, r.name)
 	f := r.farm
 	now := f.cfg.NowFunc()
 	type item struct {

@@ -148,6 +148,7 @@ type Farm struct {
 	runCtx    context.Context // Run's: bounds work that outlives a term
 	bg        sync.WaitGroup  // work that outlives a term (cluster mode)
 	leaseHook func() bool     // tests: false holds the lease keeper (a paused process)
+	sig       *testSignals    // tests: background rounds told
 	frontends Frontends
 	storage   oss.Store
 	nodes     *Nodes
@@ -542,7 +543,8 @@ func (f *Farm) position(id string) (int, bool) {
 
 // heartbeat extends the leases of every job this instance follows. It
 // reports whether they are fresh (extended now, or none to extend).
-func (f *Farm) heartbeat(ctx context.Context) bool {
+func (f *Farm) heartbeat(ctx context.Context) (fresh bool) {
+	defer func() { signal(f.sigs().heartbeat, fresh) }()
 	var ids []string
 	f.rmu.Lock()
 	runners := slices.Collect(maps.Values(f.runners))
@@ -576,6 +578,7 @@ func (f *Farm) heartbeat(ctx context.Context) bool {
 
 // rescue returns jobs whose lease expired (their instance died) to the queue.
 func (f *Farm) rescue(ctx context.Context) {
+	defer signal(f.sigs().rescued, struct{}{})
 	requeued, failed, err := f.store.JobRescue(ctx, f.cfg.NowFunc(), f.cfg.MaxAttempts)
 	if err != nil {
 		if ctx.Err() == nil {

@@ -65,6 +65,7 @@ type farmEnv struct {
 
 	mu     sync.Mutex
 	passes []schedPass
+	sig    *testSignals // the farm's background rounds, kept across restarts
 }
 
 type schedPass struct {
@@ -97,7 +98,7 @@ func newFarmEnvWith(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.O
 func newFarmEnvProbe(t testing.TB, dbcfg dbcontrollers.Config, opts []comfytest.Options, mod func(*FarmConfig), storage oss.Store, nodeURL func(name string, s *comfytest.Server) string, probeMod func(*ProbeConfig)) *farmEnv {
 	t.Helper()
 	ctx := context.Background()
-	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod, probeMod: probeMod}
+	e := &farmEnv{t: t, dbcfg: dbcfg, fakes: map[string]*comfytest.Server{}, mod: mod, probeMod: probeMod, sig: newTestSignals()}
 	var err error
 	if e.control, err = dbcontrollers.OpenControl(ctx, dbcfg); err != nil {
 		t.Fatal(err)
@@ -165,6 +166,7 @@ func (e *farmEnv) start() {
 		e.mod(&cfg)
 	}
 	e.farm = NewFarm(cfg, e.store, e.reg, e.storage, e.nodes)
+	e.farm.sig = e.sig
 	e.farm.onSchedule = func(d []string, p map[string]int) {
 		e.mu.Lock()
 		e.passes = append(e.passes, schedPass{slices.Clone(d), p})
@@ -183,6 +185,39 @@ func (e *farmEnv) start() {
 		})
 	}
 	<-e.farm.started
+}
+
+// reconciles waits for n reconcile rounds of node's runner (counting those
+// since the last wait).
+func (e *farmEnv) reconciles(node string, n int) {
+	e.t.Helper()
+	deadline := time.After(30 * time.Second)
+	for n > 0 {
+		select {
+		case got := <-e.sig.reconciled:
+			if got == node {
+				n--
+			}
+		case <-deadline:
+			e.t.Fatalf("no reconcile round of %s", node)
+		}
+	}
+}
+
+// nodeChangeSeen waits until the farm has acted on a change of node.
+func (e *farmEnv) nodeChangeSeen(node string, removed bool) {
+	e.t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case ch := <-e.sig.nodeChanged:
+			if ch.Name == node && ch.Removed == removed {
+				return
+			}
+		case <-deadline:
+			e.t.Fatalf("the farm did not act on the change of %s", node)
+		}
+	}
 }
 
 func (e *farmEnv) stop() {
@@ -800,7 +835,7 @@ func TestFarmAdoptLeavesOtherInstancesJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.start()
-	time.Sleep(time.Second) // several reconcile rounds
+	e.reconciles("n1", 3)
 	got := e.job(j.ID)
 	if got.State != schema.JobDispatched || got.LeaseOwner != "another-host" {
 		t.Fatalf("another instance's job is now %s owned by %q", got.State, got.LeaseOwner)

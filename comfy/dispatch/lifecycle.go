@@ -413,6 +413,7 @@ func (f *Farm) runnerList() map[string]*runner {
 // nodeChanged follows the registry: new nodes get a runner, removed nodes
 // give their jobs back to the queue, a node coming up may take work.
 func (f *Farm) nodeChanged(ctx context.Context, ch NodeChange) {
+	defer signal(f.sigs().nodeChanged, ch)
 	switch {
 	case ch.Added:
 		f.startRunner(ctx, ch.Name)

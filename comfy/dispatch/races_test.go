@@ -100,7 +100,7 @@ func TestNodeRemovedWhileStoringDoesNotRerun(t *testing.T) {
 	if err := e.farm.NodeRemove(ctx, st.Node); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond) // let the registry change reach the farm
+	e.nodeChangeSeen(st.Node, true)
 	close(gate)
 	var done *schema.Job
 	e.eventually(30*time.Second, "job terminal", func() bool {

@@ -122,7 +122,24 @@ func (c nodeCollector) Collect(ch chan<- prometheus.Metric) {
 func (f *Farm) Collectors() []prometheus.Collector {
 	m := f.metrics
 	return []prometheus.Collector{m.submitted, m.finished, m.requeued, m.storageRetries, m.queued, m.dispatchSeconds,
-		m.jobSeconds, m.queueWait, m.runDuration, m.storeDuration, nodeCollector{f}}
+		m.jobSeconds, m.queueWait, m.runDuration, m.storeDuration, nodeCollector{f},
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "comfyfarm_leader", Help: "1 while this process schedules the farm (always, for one process alone; the lease holder among replicas).",
+		}, func() float64 {
+			if f.leading() {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "comfyfarm_fenced_writes_total", Help: "Job writes of this replica refused because another replica had taken the scheduler's lease.",
+		}, func() float64 {
+			if f.fenced == nil {
+				return 0
+			}
+			return float64(f.fenced.refused.Load())
+		}),
+	}
 }
 
 // busyClock keeps the spans of time a node ran one of our prompts, over the

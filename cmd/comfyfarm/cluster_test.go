@@ -475,3 +475,61 @@ func TestClusterRollingRestart(t *testing.T) {
 	c.checkRunsOnce(all)
 	c.checkJobs(all)
 }
+
+// The leader's process is stopped (SIGSTOP) while its jobs run, past the
+// lease: another replica takes over and adopts them. Resumed (SIGCONT), the
+// old leader's writes are refused by the fence, it becomes a follower, and
+// every job still ends once, run once on the nodes.
+func TestClusterStoppedLeaderIsFenced(t *testing.T) {
+	if testing.Short() {
+		t.Skip("cluster test: runs three processes")
+	}
+	c := newClusterEnv(t, 2, 2, comfytest.Options{ClassTime: map[string]time.Duration{"ImageInvert": 150 * time.Millisecond}})
+	first := c.leader(4 * clusterLease)
+	other := c.next(first)
+	var failures atomic.Int64
+	var ids []string
+	for n := range 30 {
+		if id, _ := c.submit(other, n, &failures); id != "" {
+			ids = append(ids, id)
+		}
+	}
+	stopped := c.replicas[first]
+	if err := stopped.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(4 * clusterLease)
+	for {
+		if role, leader, ok := c.role(other); ok && role == "leader" && leader == c.replicas[other].name {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no takeover while the leader is stopped")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(clusterLease / 2) // the new leader adopts and runs jobs meanwhile
+	if err := stopped.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, id := range ids {
+		if r := c.follow(ctx, other, id); r.terminal != schema.EventSucceeded || r.err != nil {
+			t.Errorf("job %s: %q %v", id, r.terminal, r.err)
+		}
+	}
+	deadline = time.Now().Add(4 * clusterLease)
+	for {
+		role, leader, ok := c.role(first)
+		if ok && role == "follower" && leader == c.replicas[other].name {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the resumed replica: %s, leader %q", role, leader)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.checkRunsOnce(ids)
+	c.checkJobs(ids)
+}

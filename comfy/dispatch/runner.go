@@ -77,12 +77,27 @@ type jobRef struct {
 
 func (a *active) ref() jobRef { return jobRef{a.jobID, a.attempt} }
 
+// clientID is the WebSocket client id of a node's runner. ComfyUI sends a
+// prompt's events only to the socket registered under the id that posted
+// it, and a socket that closes unregisters whatever socket holds its id,
+// a newer one included. Alone, the id is fixed, so that a restarted process
+// hears the prompts it posted before. Among replicas each has its own: when
+// a stale leader's socket closed, it would take a new leader's
+// registration with it and leave it deaf. A new leader follows the prompts
+// it adopted by asking the node (reconcile), and hears those it posts.
+func (f *Farm) clientID(node string) string {
+	if f.clustered() {
+		return "comfyfarm-" + node + "-" + f.cfg.InstanceID
+	}
+	return "comfyfarm-" + node
+}
+
 func (f *Farm) startRunner(ctx context.Context, name string) {
 	n, ok := f.nodes.Node(name)
 	if !ok {
 		return
 	}
-	client, err := comfy.NewClient(n.URL, comfy.WithClientID("comfyfarm-"+name))
+	client, err := comfy.NewClient(n.URL, comfy.WithClientID(f.clientID(name)))
 	if err != nil {
 		f.log.Error("node client", "node", name, "err", err)
 		return

@@ -175,12 +175,16 @@ func TestFarmGarbageHistoryNodeIsDegraded(t *testing.T) {
 		}
 		// The garbage node's prompts take 300 ms, so that each failure is
 		// found out (in milliseconds) before the prompt after it ends.
-		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}}
+		// A 2023-era node: without execution_success, every completion
+		// reads the history entry.
+		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}, Generation: comfytest.GenLegacy}
 		e := newFarmEnvWith(t, cfg, []comfytest.Options{slow, sdOptions()}, func(c *FarmConfig) {
 			c.HistoryWait = 30 * time.Second
 		}, nil, rewriteHistory(t, garbage, "n1"))
+		// Enough jobs that the healthy node cannot run them all before the
+		// garbage node has taken its third (40 ms each there, 300 ms here).
 		var ids []string
-		for i := range 12 {
+		for i := range 30 {
 			ids = append(ids, e.submit("alpha", "g", sdGraph(ckptXL, 1, i), 0).ID)
 		}
 		onGarbage := 0

@@ -21,7 +21,8 @@ const DefaultMaxViewBytes = 1 << 30
 // View streams a file from GET /view. Reading past maxBytes (<= 0: DefaultMaxViewBytes) fails
 // with ErrTooLarge, and so does a Content-Length above it. A missing file is an *APIError with
 // Status 404. The request timeout bounds only the wait for the response headers; the body is
-// bounded by ctx. The caller must close the reader.
+// bounded by ctx. The caller must close the reader. The reader also has a Size() int64 method:
+// the Content-Length the server announced, -1 when it sent none.
 func (c *Client) View(ctx context.Context, f FileRef, maxBytes int64) (io.ReadCloser, error) {
 	if err := f.Validate(); err != nil {
 		return nil, err
@@ -61,7 +62,7 @@ func (c *Client) View(ctx context.Context, f FileRef, maxBytes int64) (io.ReadCl
 		cancel()
 		return nil, fmt.Errorf("comfy: GET /view %s: %w: %d bytes, cap %d", f.Path(), ErrTooLarge, resp.ContentLength, maxBytes)
 	}
-	return &cappedBody{rc: resp.Body, left: maxBytes, cancel: cancel}, nil
+	return &cappedBody{rc: resp.Body, left: maxBytes, cancel: cancel, size: resp.ContentLength}, nil
 }
 
 // cappedBody fails with ErrTooLarge once more than the allowed bytes arrive.
@@ -70,7 +71,13 @@ type cappedBody struct {
 	left   int64
 	cancel context.CancelFunc
 	err    error
+	size   int64 // Content-Length, -1 when not sent
 }
+
+// Size is the length the server announced for the body (its Content-Length),
+// or -1 when it sent none. A body that ends short of it fails with
+// io.ErrUnexpectedEOF.
+func (b *cappedBody) Size() int64 { return b.size }
 
 func (b *cappedBody) Read(p []byte) (int, error) {
 	if b.err != nil {

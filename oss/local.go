@@ -137,7 +137,11 @@ type localMeta struct {
 func metaName(key string) string { return localMetaDir + "/" + key }
 
 // Put writes the object atomically: to a temporary file that is synced, then
-// renamed over key.
+// renamed over key, and the folder synced. Its content type, size and ETag
+// go into an extended attribute of the file where the file system has them
+// (one file, one fsync for data and metadata), else into a sidecar under
+// .meta that is not synced (lost in a crash, it is rebuilt from the
+// extension on read).
 func (l *Local) Put(ctx context.Context, key string, r io.Reader, size int64, contentType string) error {
 	if _, err := l.path(key); err != nil {
 		return err
@@ -147,50 +151,41 @@ func (l *Local) Put(ctx context.Context, key string, r io.Reader, size int64, co
 		return err
 	}
 	dir := path.Dir(key)
-	if dir != "." {
-		if err := l.root.MkdirAll(dir, 0o755); err != nil {
-			return fmt.Errorf("local put %s: %w", key, err)
-		}
-		if err := l.root.MkdirAll(metaName(dir), 0o755); err != nil {
-			return fmt.Errorf("local put %s: %w", key, err)
-		}
-	}
-	if err := l.checkParents(key); err != nil {
-		return err
-	}
-	if fi, err := l.root.Lstat(key); err == nil && !fi.Mode().IsRegular() {
-		return fmt.Errorf("local put %s: %w", key, errNotRegular(fi))
-	}
-
 	src := r
 	if size >= 0 {
 		src = io.LimitReader(r, size+1)
 	}
 	h := md5.New()
-	tmpData, n, err := l.writeTemp(ctx, io.TeeReader(src, h), true)
+	var meta []byte
+	tmpData, _, attr, err := l.writeTemp(ctx, io.TeeReader(src, h), true, func(n int64) ([]byte, error) {
+		if size >= 0 && n != size {
+			return nil, fmt.Errorf("reader gave %d bytes, want %d", n, size)
+		}
+		var err error
+		meta, err = json.Marshal(localMeta{ContentType: contentType, Size: n, ETag: strings.ToUpper(hex.EncodeToString(h.Sum(nil)))})
+		return meta, err
+	})
 	if err != nil {
 		return fmt.Errorf("local put %s: %w", key, err)
 	}
 	defer func() { _ = l.root.Remove(tmpData) }()
-	if size >= 0 && n != size {
-		return fmt.Errorf("local put %s: reader gave %d bytes, want %d", key, n, size)
+	tmpMeta := ""
+	if !attr {
+		if tmpMeta, _, _, err = l.writeTemp(ctx, strings.NewReader(string(meta)), false, nil); err != nil {
+			return fmt.Errorf("local put %s: %w", key, err)
+		}
+		defer func() { _ = l.root.Remove(tmpMeta) }()
 	}
-	meta, err := json.Marshal(localMeta{ContentType: contentType, Size: n, ETag: strings.ToUpper(hex.EncodeToString(h.Sum(nil)))})
-	if err != nil {
-		return err
-	}
-	// The sidecar is not synced: lost in a crash, it is rebuilt from the
-	// extension on read (Open ignores a missing or disagreeing one).
-	tmpMeta, _, err := l.writeTemp(ctx, strings.NewReader(string(meta)), false)
-	if err != nil {
+	if err := l.place(tmpData, key); err != nil {
 		return fmt.Errorf("local put %s: %w", key, err)
 	}
-	defer func() { _ = l.root.Remove(tmpMeta) }()
-
-	if err := l.root.Rename(tmpData, key); err != nil {
-		return fmt.Errorf("local put %s: %w", key, err)
-	}
-	if err := l.root.Rename(tmpMeta, metaName(key)); err != nil {
+	if attr {
+		// A sidecar of an earlier write would be ignored (the attribute
+		// wins); remove it all the same.
+		if err := l.root.Remove(metaName(key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("local put %s: %w", key, err)
+		}
+	} else if err := l.place(tmpMeta, metaName(key)); err != nil {
 		return fmt.Errorf("local put %s: %w", key, err)
 	}
 	if err := l.syncDir(dir); err != nil {
@@ -199,15 +194,49 @@ func (l *Local) Put(ctx context.Context, key string, r io.Reader, size int64, co
 	return nil
 }
 
+// place renames the temporary file tmp to key, creating key's folders when
+// the first try finds them missing. key's parents are checked to be real
+// folders first, and key not to be a link or special file.
+func (l *Local) place(tmp, key string) error {
+	err := l.checkParents(key)
+	if errors.Is(err, fs.ErrNotExist) {
+		if dir := path.Dir(key); dir != "." {
+			if err := l.root.MkdirAll(dir, 0o755); err != nil {
+				return err
+			}
+		}
+		err = l.checkParents(key)
+	}
+	if err != nil {
+		return err
+	}
+	if fi, err := l.root.Lstat(key); err == nil && !fi.Mode().IsRegular() {
+		return errNotRegular(fi)
+	}
+	return l.root.Rename(tmp, key)
+}
+
 // writeTemp copies r into a new file under .tmp, synced if asked, and returns
-// its name.
-func (l *Local) writeTemp(ctx context.Context, r io.Reader, sync bool) (string, int64, error) {
-	name := localTmpDir + "/" + rand.Text()
+// its name and length. When meta is given, it is called with the length
+// before the sync and its result stored as the file's metadata attribute;
+// attr reports whether the file system took it.
+func (l *Local) writeTemp(ctx context.Context, r io.Reader, sync bool, meta func(n int64) ([]byte, error)) (name string, n int64, attr bool, err error) {
+	name = localTmpDir + "/" + rand.Text()
 	f, err := l.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return "", 0, err
+		return "", 0, false, err
 	}
-	n, err := io.Copy(f, ctxReader{ctx, r})
+	n, err = io.Copy(f, ctxReader{ctx, r})
+	if err == nil && meta != nil {
+		var b []byte
+		if b, err = meta(n); err == nil {
+			if err = setMetaAttr(f, b); err == nil {
+				attr = true
+			} else if errors.Is(err, errNoXattr) {
+				err = nil
+			}
+		}
+	}
 	if err == nil && sync {
 		err = f.Sync()
 	}
@@ -216,10 +245,13 @@ func (l *Local) writeTemp(ctx context.Context, r io.Reader, sync bool) (string, 
 	}
 	if err != nil {
 		_ = l.root.Remove(name)
-		return "", 0, err
+		return "", 0, false, err
 	}
-	return name, n, nil
+	return name, n, attr, nil
 }
+
+// errNoXattr: the file system keeps no extended attributes.
+var errNoXattr = errors.New("no extended attributes")
 
 // syncDir makes the renames into dir durable.
 func (l *Local) syncDir(dir string) error {
@@ -314,7 +346,12 @@ func (l *Local) Open(key string) (*os.File, ObjectInfo, error) {
 		return nil, ObjectInfo{}, fmt.Errorf("local open %s: file changed while opening", key)
 	}
 	info := ObjectInfo{Size: st.Size(), ContentType: contentTypeFor(key, "")}
-	if b, err := l.root.ReadFile(metaName(key)); err == nil {
+	if b := metaAttr(f); b != nil {
+		var m localMeta
+		if json.Unmarshal(b, &m) == nil && m.Size == st.Size() {
+			info.ContentType, info.ETag = contentTypeFor(key, m.ContentType), m.ETag
+		}
+	} else if b, err := l.root.ReadFile(metaName(key)); err == nil {
 		var m localMeta
 		// A sidecar whose size disagrees is from another write of this key
 		// (a crash or a race between the two renames): ignore it.
@@ -372,7 +409,7 @@ func (l *Local) Ping(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	name, _, err := l.writeTemp(ctx, strings.NewReader("ping"), false)
+	name, _, _, err := l.writeTemp(ctx, strings.NewReader("ping"), false, nil)
 	if err != nil {
 		return fmt.Errorf("local store %s: %w", l.dir, err)
 	}

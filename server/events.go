@@ -1,14 +1,14 @@
 package server
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/contrib/websocket"
@@ -151,9 +151,15 @@ func (s *Server) keepAlive(jobID string, last int64) schema.Event {
 // sse streams events as Server-Sent Events: "id: seq", "event: type",
 // "data: the JSON object", and ": keepalive" comment lines.
 //
-// A client that stops reading is dropped, not buffered for: fasthttp copies
-// what the stream writer produces to the connection, and every write to the
-// connection must finish within Config.StreamWriteTimeout.
+// The connection is taken over from fasthttp (hijacked, with the response
+// head written here): a stream then holds one goroutine and no buffers of
+// its own between events, instead of fasthttp's serving goroutine, a body
+// stream writer goroutine and the pipe and buffers between them. Events that
+// read the same for all subscribers are encoded once (frameCache); what is
+// ready at once goes out in one write.
+//
+// A client that stops reading is dropped, not buffered for: every write to
+// the connection must finish within Config.StreamWriteTimeout.
 func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 	if r := s.takeStream(req); r != streamAllowed {
 		if r == streamRefusedTotal {
@@ -162,7 +168,6 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 		return s.streamError(r)
 	}
 	release := func() { s.streams.give(req) }
-	conn := c.Context().Conn()
 	ctx, cancel := context.WithCancel(context.Background())
 	ch, unsubscribe, err := jobs.Subscribe(ctx, req.jobID, req.after, req.previews)
 	if err != nil {
@@ -173,61 +178,99 @@ func (s *Server) sse(c *fiber.Ctx, jobs JobService, req streamReq) error {
 	c.Set(fiber.HeaderContentType, "text/event-stream; charset=utf-8")
 	c.Set(fiber.HeaderCacheControl, "no-cache")
 	c.Set("X-Accel-Buffering", "no")
-	// The write deadline set for the stream stays on the connection, so it
-	// is not kept for another request.
-	c.Context().SetConnectionClose()
 	c.Status(http.StatusOK)
+	// The body runs until the stream ends and the connection is closed.
+	c.Response().Header.SetConnectionClose()
+	head := append([]byte(nil), c.Response().Header.Header()...)
+	head = append(head, "retry: 2000\n\n"...)
 	s.metrics.streams.WithLabelValues("sse").Inc()
-	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+	c.Context().HijackSetNoResponse(true)
+	c.Context().Hijack(func(conn net.Conn) {
 		defer release()
 		defer s.metrics.streams.WithLabelValues("sse").Dec()
 		defer cancel()
 		defer unsubscribe()
-		ticker := time.NewTicker(s.cfg.KeepAlive)
-		defer ticker.Stop()
-		// flush hands what w holds to fasthttp, which writes it to the
-		// connection under the deadline set here.
-		flush := func() bool {
-			_ = conn.SetWriteDeadline(time.Now().Add(s.cfg.StreamWriteTimeout))
-			return w.Flush() == nil
-		}
-		if _, err := w.WriteString("retry: 2000\n\n"); err != nil || !flush() {
-			return
-		}
-		for {
-			select {
-			case ev, ok := <-ch:
-				if !ok {
-					return
-				}
-				data, err := json.Marshal(s.prepare(ctx, ev))
-				if err != nil {
-					s.log.Error("encode event", "job_id", req.jobID, "err", err)
-					return
-				}
-				w.WriteString("id: ")
-				w.WriteString(strconv.FormatInt(ev.Seq, 10))
-				w.WriteString("\nevent: ")
-				w.WriteString(string(ev.Type))
-				w.WriteString("\ndata: ")
-				w.Write(data)
-				w.WriteString("\n\n")
-				if !flush() {
-					return
-				}
-				if ev.Type.Terminal() {
-					return
-				}
-			case <-ticker.C:
-				if _, err := w.WriteString(": keepalive\n\n"); err != nil || !flush() {
-					return
-				}
-			case <-s.done:
-				return
-			}
-		}
+		s.writeSSE(ctx, conn, head, ch, req.jobID)
 	})
 	return nil
+}
+
+// sseBuffers holds the write buffers of event streams between writes.
+var sseBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// sseBatch bounds what one write gathers of the events that are ready.
+const sseBatch = 32 << 10
+
+// writeSSE writes head, then ch's events until a terminal one, the channel
+// closes, a write fails or the server shuts down.
+func (s *Server) writeSSE(ctx context.Context, conn net.Conn, head []byte, ch <-chan schema.Event, jobID string) {
+	// Every write must end within StreamWriteTimeout. The deadline is moved
+	// on when less than half of that is left, not at every write: setting
+	// it is a good part of a small write's cost. A write thus gets between
+	// half of the timeout and all of it.
+	var deadline time.Time
+	write := func(b []byte) bool {
+		if now := time.Now(); deadline.Sub(now) < s.cfg.StreamWriteTimeout/2 {
+			deadline = now.Add(s.cfg.StreamWriteTimeout)
+			_ = conn.SetWriteDeadline(deadline)
+		}
+		_, err := conn.Write(b)
+		return err == nil
+	}
+	if !write(head) {
+		return
+	}
+	ticker := time.NewTicker(s.cfg.KeepAlive)
+	defer ticker.Stop()
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				return
+			}
+			bp := sseBuffers.Get().(*[]byte)
+			buf, end, ok := s.appendSSE(ctx, (*bp)[:0], ev, jobID)
+			// Gather what else is ready, up to a batch.
+		gather:
+			for ok && !end && len(buf) < sseBatch {
+				select {
+				case ev, open := <-ch:
+					if !open {
+						end = true // the channel closed: write what came, then stop
+						break gather
+					}
+					buf, end, ok = s.appendSSE(ctx, buf, ev, jobID)
+				default:
+					break gather
+				}
+			}
+			sent := ok && write(buf)
+			if cap(buf) <= 64<<10 {
+				*bp = buf[:0]
+				sseBuffers.Put(bp)
+			}
+			if !sent || end {
+				return
+			}
+		case <-ticker.C:
+			if !write([]byte(": keepalive\n\n")) {
+				return
+			}
+		case <-s.done:
+			return
+		}
+	}
+}
+
+// appendSSE appends ev's frame to buf; end reports a terminal event, ok
+// false an event that cannot be encoded.
+func (s *Server) appendSSE(ctx context.Context, buf []byte, ev schema.Event, jobID string) (out []byte, end, ok bool) {
+	_, frame, err := s.encoded(ctx, ev)
+	if err != nil {
+		s.log.Error("encode event", "job_id", jobID, "err", err)
+		return buf, true, false
+	}
+	return append(buf, frame...), ev.Type.Terminal(), true
 }
 
 func (s *Server) newWSUpgrader() fiber.Handler {
@@ -300,7 +343,7 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 	defer ticker.Stop()
 	var last int64
 	write := func(ev schema.Event) bool {
-		data, err := json.Marshal(ev)
+		data, _, err := s.encoded(ctx, ev)
 		if err != nil {
 			s.log.Error("encode event", "job_id", req.jobID, "err", err)
 			return false
@@ -314,7 +357,7 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 			if !ok {
 				return
 			}
-			if !write(s.prepare(ctx, ev)) {
+			if !write(ev) {
 				return
 			}
 			last = ev.Seq

@@ -163,6 +163,7 @@ type Server struct {
 
 	done     chan struct{} // closed on shutdown: event streams end
 	streams  *streamLimits
+	frames   *frameCache // events encoded once for all their streams
 	doneOnce sync.Once
 	stopErr  error // of the one app shutdown
 }
@@ -234,6 +235,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		proxies: proxies,
 		done:    make(chan struct{}),
 		streams: newStreamLimits(cfg.MaxStreamsPerKey, cfg.MaxStreams),
+		frames:  newFrameCache(),
 	}
 	s.app = fiber.New(fiber.Config{
 		AppName:               "comfyfarm",

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,9 +23,11 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
+	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -41,30 +45,65 @@ func benchGraph(color int) json.RawMessage {
 }
 
 type benchOptions struct {
-	nodes    []string // ComfyUI URLs; empty: two fake nodes in their own processes
-	jobs     int      // trivial jobs in a row, per path
-	burst    int      // jobs submitted at once
-	submits  int      // submissions for the rate
-	clients  int      // concurrent submitters
-	classDur time.Duration
+	nodes      []string // ComfyUI URLs; empty: two fake nodes in their own processes
+	jobs       int      // trivial jobs in a row, per path
+	burst      int      // jobs submitted at once
+	submits    int      // submissions for the rate
+	clients    int      // concurrent submitters
+	classDur   time.Duration
+	db         string // database of the submit rate: sqlite or mysql
+	mysqlDSN   string
+	subs       int           // event stream subscribers (0: skip)
+	subJobs    int           // running jobs they follow
+	sampler    time.Duration // sampler time of those jobs
+	cpuProfile string
+	// The subscribers run's child process.
+	role, server, key, jobIDs string
 }
 
 func cmdBench(ctx context.Context, e *env, args []string) error {
 	var o benchOptions
 	var nodes stringList
-	fs := newFlagSet(e, "bench", "[--node URL]... [--jobs 30] [--burst 20] [--submits 2000] [--clients 32]")
+	fs := newFlagSet(e, "bench", "[--node URL]... [--jobs 30] [--burst 20] [--submits 2000] [--clients 32] [--db sqlite|mysql] [--subscribers 1000]")
 	fs.Var(&nodes, "node", "a ComfyUI server to measure against (repeatable); default: two fake nodes in their own processes")
 	fs.IntVar(&o.jobs, "jobs", 30, "trivial jobs in a row, directly and through the farm")
 	fs.IntVar(&o.burst, "burst", 20, "jobs submitted at once")
 	fs.IntVar(&o.submits, "submits", 2000, "submissions for the submit rate (0: skip)")
 	fs.IntVar(&o.clients, "clients", 32, "concurrent submitters for the submit rate")
 	fs.DurationVar(&o.classDur, "class-time", time.Millisecond, "fake nodes: time of each workflow node")
+	fs.StringVar(&o.db, "db", "sqlite", "database for the submit rate: sqlite (in a temporary folder) or mysql (--mysql-dsn; its databases are made for the run and dropped)")
+	fs.StringVar(&o.mysqlDSN, "mysql-dsn", "root@tcp(127.0.0.1:3306)/", "MySQL/MariaDB server for --db mysql")
+	fs.IntVar(&o.subs, "subscribers", 1000, "SSE subscribers on running jobs (0: skip; each is a connection in the server and in a client process)")
+	fs.IntVar(&o.subJobs, "subscriber-jobs", 10, "running jobs the subscribers follow (one fake node each)")
+	fs.DurationVar(&o.sampler, "subscriber-sampler", 10*time.Second, "sampler time of those jobs (200 progress events each)")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process (the farm's side of every run) to this file")
+	fs.StringVar(&o.role, "role", "", "internal: run as the subscribers run's client process")
+	fs.StringVar(&o.server, "server", "", "internal: the farm the client process connects to")
+	fs.StringVar(&o.key, "key", "", "internal: the API key of the client process")
+	fs.StringVar(&o.jobIDs, "job-ids", "", "internal: the jobs the client process follows")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
+	if o.role == "subscribers" {
+		return runSubscriberClients(ctx, e, o.server, o.key, o.subs, strings.Split(o.jobIDs, ","))
+	}
 	o.nodes = nodes
-	if o.jobs < 1 || o.burst < 1 || o.clients < 1 || o.submits < 0 {
-		return fmt.Errorf("--jobs, --burst and --clients must be at least 1")
+	if o.jobs < 1 || o.burst < 1 || o.clients < 1 || o.submits < 0 || o.subs < 0 || o.subJobs < 1 {
+		return fmt.Errorf("--jobs, --burst, --clients and --subscriber-jobs must be at least 1")
+	}
+	if o.db != "sqlite" && o.db != "mysql" {
+		return fmt.Errorf("--db %q: want sqlite or mysql", o.db)
+	}
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	dir, err := os.MkdirTemp("", "comfyfarm-bench-")
 	if err != nil {
@@ -117,7 +156,19 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		held := comfytest.NewServer(comfytest.Options{})
 		defer held.Close()
 		held.Hold()
-		base, key, stopFarm, err := benchFarm(ctx, e, filepath.Join(dir, "submit"), []string{held.URL()}, nil)
+		var mod func(*Config)
+		dbName := "SQLite"
+		if o.db == "mysql" {
+			prefix := fmt.Sprintf("comfyfarm_bench_%d", time.Now().UnixNano())
+			defer func() {
+				if err := dropDatabases(o.mysqlDSN, prefix); err != nil {
+					fmt.Fprintf(e.stderr, "bench: drop databases %s*: %v\n", prefix, err)
+				}
+			}()
+			mod = func(c *Config) { c.Database = DatabaseConfig{Driver: "mysql", DSN: o.mysqlDSN, Prefix: prefix} }
+			dbName = "MySQL"
+		}
+		base, key, stopFarm, err := benchFarm(ctx, e, filepath.Join(dir, "submit"), []string{held.URL()}, mod)
 		if err != nil {
 			return err
 		}
@@ -127,9 +178,17 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 			return fmt.Errorf("submit rate: %w", err)
 		}
 		rows = append(rows,
-			[]string{fmt.Sprintf("submits, %d clients, queue 0 to %d (SQLite)", o.clients, o.submits), fmt.Sprintf("%.0f/s", rate), ""},
+			[]string{fmt.Sprintf("submits, %d clients, queue 0 to %d (%s)", o.clients, o.submits, dbName), fmt.Sprintf("%.0f/s", rate), ""},
 			[]string{"  first and last 10% of them", fmt.Sprintf("%.0f/s", first), fmt.Sprintf("%.0f/s", last)},
 		)
+	}
+
+	if o.subs > 0 {
+		sub, err := benchSubscribers(ctx, e, filepath.Join(dir, "subscribers"), o.subs, o.subJobs, o.sampler, 200)
+		if err != nil {
+			return fmt.Errorf("subscribers: %w", err)
+		}
+		rows = append(rows, sub...)
 	}
 
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
@@ -477,3 +536,45 @@ func pct(sorted []time.Duration, p int) time.Duration {
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }
+
+// dropDatabases drops the MySQL databases a bench run made: prefix and
+// prefix_<frontend>.
+func dropDatabases(dsn, prefix string) error {
+	mc, err := mysql.ParseDSN(dsn)
+	if err != nil {
+		return err
+	}
+	mc.DBName = ""
+	db, err := sql.Open("mysql", mc.FormatDSN())
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rows, err := db.QueryContext(ctx, "SHOW DATABASES LIKE '"+strings.ReplaceAll(prefix, "_", `\_`)+"%'")
+	if err != nil {
+		return err
+	}
+	var names []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			rows.Close()
+			return err
+		}
+		if dbcontrollers.ValidDatabaseName(n) && (n == prefix || strings.HasPrefix(n, prefix+"_")) {
+			names = append(names, n)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for _, n := range names {
+		if _, err := db.ExecContext(ctx, "DROP DATABASE IF EXISTS `"+n+"`"); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -59,6 +59,11 @@ func (r *runner) handle(ev comfy.Event) {
 
 	switch e := ev.(type) {
 	case *comfy.ExecutionStart:
+		r.mu.Lock()
+		if r.streamIntact(a) {
+			a.ui, a.uiDone = map[string]comfy.NodeOutput{}, false
+		}
+		r.mu.Unlock()
 		r.setCurrent(a)
 		if !zombie {
 			r.farm.markRunning(ctx, r, a)
@@ -90,6 +95,11 @@ func (r *runner) handle(ev comfy.Event) {
 		r.mu.Unlock()
 		r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventProgress, NodeID: p.NodeID, Value: &p.Value, Max: &p.Max, Percent: &p.Percent})
 	case *comfy.Executed:
+		r.mu.Lock()
+		if a.ui != nil && r.streamIntact(a) && len(e.Output) > 0 {
+			a.ui[e.Node] = e.Output
+		}
+		r.mu.Unlock()
 		if !zombie {
 			r.farm.markRunning(ctx, r, a)
 			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventExecuted, NodeID: e.Node})
@@ -103,6 +113,9 @@ func (r *runner) handle(ev comfy.Event) {
 			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventPreview, NodeID: nodeID, Format: e.ContentType, Image: base64.StdEncoding.EncodeToString(e.Image)})
 		}
 	case *comfy.ExecutionSuccess:
+		r.mu.Lock()
+		a.uiDone = a.ui != nil && r.streamIntact(a)
+		r.mu.Unlock()
 		r.finished(a)
 	case *comfy.ExecutionError:
 		if e.Blocked() {

@@ -165,6 +165,7 @@ type Farm struct {
 	mu        sync.Mutex // guards the queue and positions; taken before rmu
 	queue     *fairQueue
 	positions map[string]int // last published position per queued job
+	pc        posCache       // positions kept between plans (planPositionsLocked)
 	sigIDs    map[string]int // placement signatures numbered, for the enum index sigGen
 	sigGen    uint64
 	// unrunnable: since when a queued job has needed a class no node offers.
@@ -501,9 +502,20 @@ func (f *Farm) pickLocked() (*pendingJob, string) {
 // publishPositionsLocked pushes a queued event to every job whose position
 // changed since it was last told.
 func (f *Farm) publishPositionsLocked(dispatched ...string) {
-	plan, positions := f.planPositionsLocked()
-	for i, pj := range plan {
-		p := positions[i]
+	f.refreshPositionsLocked()
+	if f.onSchedule != nil {
+		f.onSchedule(dispatched, maps.Clone(f.positions))
+	}
+}
+
+// refreshPositionsLocked works out the positions again from the first plan
+// step that changed and publishes those that differ from what their job was
+// last told. Every recomputation goes through here, so f.positions always
+// holds the positions of the plan steps before the next change.
+func (f *Farm) refreshPositionsLocked() {
+	plan, positions, from := f.planPositionsLocked()
+	for i := from; i < len(plan); i++ {
+		pj, p := plan[i], positions[i]
 		if old, ok := f.positions[pj.ID]; ok && old == p {
 			continue
 		}
@@ -511,15 +523,12 @@ func (f *Farm) publishPositionsLocked(dispatched ...string) {
 		pos := p // escapes only when published
 		f.hub.Publish(pj.ID, schema.Event{Type: schema.EventQueued, Position: &pos})
 	}
-	if len(f.positions) > f.queue.Len() {
+	if len(f.positions) > len(plan) {
 		for id := range f.positions {
 			if !f.queue.Has(id) {
 				delete(f.positions, id)
 			}
 		}
-	}
-	if f.onSchedule != nil {
-		f.onSchedule(dispatched, maps.Clone(f.positions))
 	}
 }
 
@@ -528,15 +537,9 @@ func (f *Farm) position(id string) (int, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	p, ok := f.positions[id]
-	if !ok {
-		if f.queue.Has(id) {
-			plan, all := f.planPositionsLocked()
-			for i, pj := range plan {
-				if pj.ID == id {
-					p, ok = all[i], true
-				}
-			}
-		}
+	if !ok && f.queue.Has(id) {
+		f.refreshPositionsLocked()
+		p, ok = f.positions[id]
 	}
 	return p, ok
 }

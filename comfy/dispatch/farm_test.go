@@ -677,7 +677,42 @@ func TestFarmGenerations(t *testing.T) {
 			if len(done.Outputs) != 1 || done.Outputs[0].Width != 64 {
 				t.Fatalf("outputs %+v", done.Outputs)
 			}
+			// Servers that end a prompt with execution_success had its
+			// outputs in the executed frames; 2023-era ones are asked for
+			// the history entry.
+			reads := e.farm.runner("n1").historyReads.Load()
+			if wantReads := gen == comfytest.GenLegacy; (reads > 0) != wantReads {
+				t.Fatalf("history read %d times", reads)
+			}
 		})
+	}
+}
+
+// The outputs taken from the executed frames are those the history entry
+// lists, also for a prompt run again whose output node is cached (ComfyUI
+// sends executed for it again, and writes no new file).
+func TestFarmOutputsFromStreamMatchHistory(t *testing.T) {
+	e := newFarmEnv(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil)
+	r := e.farm.runner("n1")
+	for i := range 2 {
+		j := e.submit("alpha", "s", sdGraph(ckptXL, 3, 7), 0)
+		done := e.waitState(j.ID, schema.JobSucceeded, 30*time.Second)
+		h, err := r.client.History(context.Background(), done.PromptID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files := keptFiles(h.Files(), false)
+		if len(files) == 0 || len(done.Outputs) != len(files) {
+			t.Fatalf("run %d: outputs %+v, history files %+v", i, done.Outputs, files)
+		}
+		for k, fr := range files {
+			if done.Outputs[k].Filename != safeBase(fr.Filename) || done.Outputs[k].NodeID != fr.NodeID {
+				t.Fatalf("run %d: output %d is %+v, history has %+v", i, k, done.Outputs[k], fr)
+			}
+		}
+	}
+	if n := r.historyReads.Load(); n != 0 {
+		t.Fatalf("history read %d times", n)
 	}
 }
 

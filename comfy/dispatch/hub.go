@@ -69,15 +69,29 @@ type jobStream struct {
 	doneAt   time.Time
 }
 
+// subscriber delivers one subscription's events on its channel, out. It has
+// no goroutine of its own while its reader keeps up: push hands an event
+// straight to out (a small buffer) when nothing waits before it. Only when
+// out is full do events wait in queue, and a forwarder goroutine moves them
+// to out, exiting once queue is empty again. queue is bounded by the drop
+// policy of push. Until start, everything waits in queue (the snapshot is
+// put before it).
 type subscriber struct {
-	mu       sync.Mutex
-	queue    []schema.Event
-	notify   chan struct{}
-	closed   bool
-	previews bool
-	drain    bool // close the channel when the queue is empty
-	dropped  int64
+	mu         sync.Mutex
+	queue      []schema.Event
+	out        chan schema.Event
+	done       chan struct{} // closed by cancel
+	started    bool          // out exists; events may go to it directly
+	forwarding bool          // a forwarder owns out: only it sends and closes
+	closed     bool          // out is closed or is being closed: push ignores events
+	previews   bool
+	drain      bool // close out once queue is empty
+	dropped    int64
 }
+
+// subBuffer is the capacity of a subscriber's channel: events its reader
+// has not taken yet, before they wait in the queue.
+const subBuffer = 4
 
 // stream returns the job's stream, creating it with a sequence base derived
 // from the clock, so that sequence numbers keep increasing across restarts of
@@ -310,7 +324,7 @@ func (h *Hub) LastSeq(jobID string) int64 {
 // event that happened while the snapshot was built is delivered after it
 // (state events restate, they never contradict).
 func (h *Hub) Subscribe(jobID string, after int64, previews bool, snapshot func() (*schema.Job, error)) (<-chan schema.Event, func(), error) {
-	sub := &subscriber{notify: make(chan struct{}, 1), previews: previews}
+	sub := &subscriber{previews: previews}
 	if h.bus != nil {
 		h.follow(jobID)
 	}
@@ -370,16 +384,7 @@ func (h *Hub) Subscribe(jobID string, after int64, previews bool, snapshot func(
 		}
 	}
 
-	out := make(chan schema.Event)
-	done := make(chan struct{})
-	var once sync.Once
-	cancel := func() {
-		once.Do(func() {
-			h.unsubscribe(jobID, sub)
-			close(done)
-		})
-	}
-	go sub.pump(out, done)
+	out, cancel := sub.start(func() { h.unsubscribe(jobID, sub) })
 	return out, cancel, nil
 }
 
@@ -410,9 +415,19 @@ func terminalEvent(job *schema.Job, seq int64, now time.Time) schema.Event {
 
 func (sub *subscriber) push(ev schema.Event, limit int) {
 	sub.mu.Lock()
+	defer sub.mu.Unlock()
 	if sub.closed {
-		sub.mu.Unlock()
 		return
+	}
+	if sub.started && !sub.forwarding && len(sub.queue) == 0 {
+		select {
+		case sub.out <- ev:
+			if ev.Type.Terminal() {
+				sub.closeLocked()
+			}
+			return
+		default: // the reader is behind: queue it
+		}
 	}
 	if ev.Type == schema.EventQueued {
 		// A newer position replaces one not yet delivered.
@@ -441,51 +456,91 @@ func (sub *subscriber) push(ev schema.Event, limit int) {
 		sub.dropped += int64(dropped)
 		if dropped < need && ev.Type.Droppable() {
 			sub.dropped++
-			sub.mu.Unlock()
 			return
 		}
 	}
 	sub.queue = append(sub.queue, ev)
-	sub.mu.Unlock()
-	select {
-	case sub.notify <- struct{}{}:
-	default:
+	if sub.started && !sub.forwarding {
+		sub.forwarding = true
+		go sub.forward()
 	}
 }
 
-// pump moves queued events to out until a terminal event went out or done.
-func (sub *subscriber) pump(out chan<- schema.Event, done <-chan struct{}) {
-	defer close(out)
-	defer func() {
-		sub.mu.Lock()
-		sub.closed = true
-		sub.queue = nil
-		sub.mu.Unlock()
-	}()
+// start makes the subscriber's channel and lets events flow to it; cancel
+// unregisters it (through unsubscribe) and closes the channel. What queued
+// up before (the snapshot, replayed events) is forwarded first.
+func (sub *subscriber) start(unsubscribe func()) (<-chan schema.Event, func()) {
+	sub.mu.Lock()
+	sub.out = make(chan schema.Event, subBuffer)
+	sub.done = make(chan struct{})
+	sub.started = true
+	switch {
+	case len(sub.queue) > 0:
+		sub.forwarding = true
+		go sub.forward()
+	case sub.drain:
+		sub.closeLocked()
+	}
+	out := sub.out
+	sub.mu.Unlock()
+	var once sync.Once
+	cancel := func() {
+		once.Do(func() {
+			unsubscribe()
+			sub.mu.Lock()
+			close(sub.done)
+			if !sub.closed && !sub.forwarding {
+				sub.closeLocked()
+			}
+			sub.closed = true // a running forwarder sees done and closes out
+			sub.mu.Unlock()
+		})
+	}
+	return out, cancel
+}
+
+// closeLocked closes out: after a terminal event, on cancel, or when a
+// draining subscriber has nothing left. Only whoever may send on out calls
+// it (push or start without a forwarder, or the forwarder).
+func (sub *subscriber) closeLocked() {
+	sub.closed = true
+	sub.queue = nil
+	close(sub.out)
+}
+
+// forward moves queued events to out until the queue is empty (then it
+// returns and push sends directly again), a terminal event went out, or
+// the subscription is cancelled.
+func (sub *subscriber) forward() {
 	for {
 		sub.mu.Lock()
-		batch := sub.queue
-		sub.queue = nil
-		sub.mu.Unlock()
-		for _, ev := range batch {
-			select {
-			case out <- ev:
-			case <-done:
-				return
+		if sub.closed || len(sub.queue) == 0 {
+			if sub.closed || sub.drain {
+				sub.closeLocked()
 			}
-			if ev.Type.Terminal() {
-				return
-			}
-		}
-		if len(batch) > 0 {
-			continue
-		}
-		if sub.drain {
+			sub.forwarding = false
+			sub.mu.Unlock()
 			return
 		}
+		ev := sub.queue[0]
+		sub.queue[0] = schema.Event{}
+		sub.queue = sub.queue[1:]
+		done := sub.done
+		sub.mu.Unlock()
 		select {
-		case <-sub.notify:
+		case sub.out <- ev:
 		case <-done:
+			sub.mu.Lock()
+			sub.closeLocked()
+			sub.forwarding = false
+			sub.mu.Unlock()
+			return
+		}
+		if ev.Type.Terminal() {
+			sub.mu.Lock()
+			sub.closeLocked()
+			sub.forwarding = false
+			sub.mu.Unlock()
 			return
 		}
 	}

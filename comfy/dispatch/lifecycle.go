@@ -225,10 +225,25 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 	f.requeued(job, avoid...)
 }
 
-// complete confirms the end of a's prompt through the node's history and
-// stores its outputs.
+// complete confirms the end of a's prompt and stores its outputs. When the
+// node's stream carried the whole run (execution_start to execution_success
+// on one connection), the outputs of its executed frames are what the
+// history entry lists, and the node is not asked again; otherwise (a
+// reconnect on the way, a server that sends no execution_success, an adopted
+// job) the history entry is read.
 func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
-	entry, err := f.waitHistory(ctx, r, a.promptID)
+	r.mu.Lock()
+	var entry *comfy.HistoryEntry
+	if a.uiDone {
+		entry = &comfy.HistoryEntry{PromptID: a.promptID, Outputs: maps.Clone(a.ui)}
+	}
+	pid := a.promptID
+	r.mu.Unlock()
+	var err error
+	if entry == nil {
+		r.historyReads.Add(1)
+		entry, err = f.waitHistory(ctx, r, pid)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return

@@ -175,11 +175,12 @@ func TestFarmGarbageHistoryNodeIsDegraded(t *testing.T) {
 		}
 		// The garbage node's prompts take 300 ms, so that each failure is
 		// found out (in milliseconds) before the prompt after it ends.
-		// The healthy node takes 150 ms a job, so that the queue lasts
-		// long enough for the garbage node to be given three jobs however
-		// fast the machine runs the rest (at 40 ms it emptied the queue
-		// before the second failure on a quiet machine).
-		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}}
+		// A 2023-era node: without execution_success, every completion
+		// reads the history entry. The healthy node takes 150 ms a job, so
+		// that the queue lasts long enough for the garbage node to be given
+		// three jobs however fast the machine runs the rest (at 40 ms it
+		// emptied the queue before the second failure on a quiet machine).
+		slow := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 300 * time.Millisecond}, Generation: comfytest.GenLegacy}
 		healthy := comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 150 * time.Millisecond}}
 		e := newFarmEnvWith(t, cfg, []comfytest.Options{slow, healthy}, func(c *FarmConfig) {
 			c.HistoryWait = 30 * time.Second

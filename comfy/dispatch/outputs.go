@@ -193,44 +193,32 @@ func previewMetadata(meta json.RawMessage) json.RawMessage {
 	return out
 }
 
-// copyOne streams one file from the node to a temporary file (hashing it and
-// reading its header on the way), then puts it into storage with its size.
-// The node's filename only ever goes back to the node as a query parameter;
-// the object key is ours.
+// copyOne streams one file from the node into storage, hashing it and
+// reading its header (type, size in pixels) on the way. When the node does
+// not announce the file's length, the file is first copied to a temporary
+// file, since a storage Put is given the size. The node's filename only ever
+// goes back to the node as a query parameter; the object key is ours.
 func (f *Farm) copyOne(ctx context.Context, r *runner, job *schema.Job, fr comfy.FileRef, index int) (schema.Output, error) {
 	if err := fr.Validate(); err != nil {
 		return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "the node named an unsafe output file", NodeID: fr.NodeID}}
 	}
 	rc, err := r.client.View(ctx, fr, f.cfg.MaxOutputBytes)
 	if err != nil {
-		if errors.Is(err, comfy.ErrTooLarge) {
-			return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "an output is larger than the limit", NodeID: fr.NodeID}}
-		}
-		return schema.Output{}, &nodeReadError{err}
+		return schema.Output{}, viewError(err, fr)
 	}
 	defer rc.Close()
-	tmp, err := os.CreateTemp("", "comfyfarm-output-*")
-	if err != nil {
-		return schema.Output{}, err
+	size := int64(-1)
+	if s, ok := rc.(interface{ Size() int64 }); ok {
+		size = s.Size()
 	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-
 	br := bufio.NewReaderSize(rc, 64<<10)
-	head, _ := br.Peek(64 << 10)
-	head = bytes.Clone(head)
-	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, h), br)
-	if err != nil {
-		if errors.Is(err, comfy.ErrTooLarge) {
-			return schema.Output{}, &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "an output is larger than the limit", NodeID: fr.NodeID}}
-		}
-		return schema.Output{}, &nodeReadError{err}
+	head, err := br.Peek(64 << 10)
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, bufio.ErrBufferFull) {
+		return schema.Output{}, viewError(err, fr)
 	}
 	ct, ext := oss.Sniff(head)
 	out := schema.Output{
-		ContentType: ct, Bytes: n, SHA256: hex.EncodeToString(h.Sum(nil)),
-		Filename: safeBase(fr.Filename), NodeID: fr.NodeID,
+		ContentType: ct, Filename: safeBase(fr.Filename), NodeID: fr.NodeID,
 		Key: oss.ObjectKey(job.Frontend, job.CreatedAt, job.ID, index, ext),
 	}
 	if strings.HasPrefix(ct, "image/") {
@@ -238,13 +226,71 @@ func (f *Farm) copyOne(ctx context.Context, r *runner, job *schema.Job, fr comfy
 			out.Width, out.Height = meta.Width, meta.Height
 		}
 	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return schema.Output{}, err
+	h := sha256.New()
+	src := &readTrap{r: io.TeeReader(br, h)}
+	var body io.Reader = src
+	if size < 0 {
+		tmp, n, err := spool(src)
+		if err != nil {
+			if src.err != nil {
+				return schema.Output{}, viewError(src.err, fr)
+			}
+			return schema.Output{}, err
+		}
+		defer os.Remove(tmp.Name())
+		defer tmp.Close()
+		body, size = tmp, n
 	}
-	if err := f.storage.Put(ctx, out.Key, tmp, n, ct); err != nil {
+	if err := f.storage.Put(ctx, out.Key, body, size, ct); err != nil {
+		if src.err != nil {
+			return schema.Output{}, viewError(src.err, fr)
+		}
 		return schema.Output{}, fmt.Errorf("put %s: %w", out.Key, err)
 	}
+	out.Bytes, out.SHA256 = size, hex.EncodeToString(h.Sum(nil))
 	return out, nil
+}
+
+// viewError classes an error of reading an output from its node.
+func viewError(err error, fr comfy.FileRef) error {
+	if errors.Is(err, comfy.ErrTooLarge) {
+		return &permanentError{&schema.JobError{Code: schema.CodeStorageFailed, Message: "an output is larger than the limit", NodeID: fr.NodeID}}
+	}
+	return &nodeReadError{err}
+}
+
+// readTrap remembers the first error of its reader other than io.EOF, so
+// that a failed Put can be told apart from a failed read of the node.
+type readTrap struct {
+	r   io.Reader
+	err error
+}
+
+func (t *readTrap) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) && t.err == nil {
+		t.err = err
+	}
+	return n, err
+}
+
+// spool copies r to a new temporary file, rewound, and returns it with its
+// length. The caller removes and closes it.
+func spool(r io.Reader) (*os.File, int64, error) {
+	tmp, err := os.CreateTemp("", "comfyfarm-output-*")
+	if err != nil {
+		return nil, 0, err
+	}
+	n, err := io.Copy(tmp, r)
+	if err == nil {
+		_, err = tmp.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return nil, 0, err
+	}
+	return tmp, n, nil
 }
 
 // safeBase keeps only the last element of a node-supplied name, for display.

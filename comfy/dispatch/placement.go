@@ -350,68 +350,144 @@ func (s nodeSet) empty() bool {
 // state and load) shares a node with its own. When every job may run on
 // every node this is its index in the plan. A job no node is eligible for
 // (it waits for one) competes with every job.
-func (f *Farm) planPositionsLocked() ([]*pendingJob, []int) {
-	plan := f.queue.Plan()
-	pos := make([]int, len(plan))
+//
+// Positions are kept between calls (f.pc) and worked out again only from
+// the first plan step the queue changed (from, also returned): the counts of
+// jobs of each eligible set planned so far are saved every planCheckpoint
+// steps. What nodes are registered and what they offer is checked at every
+// call (one eligible set per distinct placement signature, not per job);
+// when any set changed, every position is worked out again.
+func (f *Farm) planPositionsLocked() (plan []*pendingJob, pos []int, from int) {
+	plan = f.queue.Plan()
+	from = min(f.queue.ChangedFrom(), len(plan))
 	facts := f.facts()
-	words := (len(facts) + 63) / 64
-	full := make(nodeSet, words)
-	for i := range facts {
-		full[i/64] |= 1 << (i % 64)
-	}
-	// Jobs that ask the same share an eligible set: compute it once.
 	f.emu.Lock()
 	idx := f.enums
 	f.emu.Unlock()
-	bySig := map[int]int{}
-	var sets []nodeSet
-	var counts []int
-	sigOf := make([]int, len(plan))
-	for i, pj := range plan {
-		sig := f.sigIDLocked(pj, idx)
-		k, ok := bySig[sig]
-		if !ok {
-			set := make(nodeSet, words)
-			for j := range facts {
-				if facts[j].qualifies(pj) {
-					set[j/64] |= 1 << (j % 64)
-				}
-			}
-			if set.empty() {
-				set = full
-			}
-			k = len(sets)
-			bySig[sig] = k
-			sets = append(sets, set)
+	pc := &f.pc
+	if !pc.current(f, facts, idx) {
+		pc.reset(facts, idx)
+		from = 0
+	}
+	c := min(from/planCheckpoint, len(pc.counts)-1)
+	counts := make([]int, len(pc.sets))
+	copy(counts, pc.counts[c])
+	for s := c * planCheckpoint; s < from; s++ {
+		counts[pc.sigOf[s]]++
+	}
+	pc.counts = pc.counts[:c+1]
+	pc.sigOf, pc.pos = pc.sigOf[:from], pc.pos[:from]
+	for s := from; s < len(plan); s++ {
+		if s%planCheckpoint == 0 && s/planCheckpoint == len(pc.counts) {
+			pc.counts = append(pc.counts, slices.Clone(counts))
+		}
+		k := pc.setOf(f, plan[s], facts, idx)
+		if k == len(counts) {
 			counts = append(counts, 0)
 		}
-		sigOf[i] = k
-	}
-	if len(sets) == 1 {
-		for i := range plan {
-			pos[i] = i
-		}
-		return plan, pos
-	}
-	// meet[a][b]: do sets a and b share a node.
-	meet := make([][]bool, len(sets))
-	for a := range sets {
-		meet[a] = make([]bool, len(sets))
-		for b := range sets {
-			meet[a][b] = sets[a].intersects(sets[b])
-		}
-	}
-	for i := range plan {
-		k, p := sigOf[i], 0
+		p := 0
 		for b, n := range counts {
-			if n > 0 && meet[k][b] {
+			if n > 0 && pc.meet[k][b] {
 				p += n
 			}
 		}
-		pos[i] = p
+		pc.pos = append(pc.pos, p)
+		pc.sigOf = append(pc.sigOf, k)
 		counts[k]++
 	}
-	return plan, pos
+	return plan, pc.pos, from
+}
+
+// posCache is what planPositionsLocked keeps between calls.
+type posCache struct {
+	valid   bool
+	enumGen uint64
+	nodes   []string      // the facts' node names it was made for
+	words   int           // of a nodeSet
+	bySig   map[int]int   // placement signature -> index of its eligible set
+	sets    []nodeSet     // eligible sets
+	reps    []*pendingJob // a job of each set, to check the set against new facts
+	meet    [][]bool      // meet[a][b]: sets a and b share a node
+	sigOf   []int         // per plan step: the set of the job planned there
+	pos     []int         // per plan step: the position of that job
+	counts  [][]int       // counts[c][k]: jobs of set k planned before step c*planCheckpoint
+}
+
+// current reports whether the cache was made for these nodes, offering
+// what they offer now.
+func (pc *posCache) current(f *Farm, facts []nodeFacts, idx *enumIndex) bool {
+	if !pc.valid || pc.enumGen != enumGenOf(idx) || len(pc.nodes) != len(facts) {
+		return false
+	}
+	for i := range facts {
+		if pc.nodes[i] != facts[i].name {
+			return false
+		}
+	}
+	for k, rep := range pc.reps {
+		if !slices.Equal(pc.eligible(rep, facts), pc.sets[k]) {
+			return false
+		}
+	}
+	return true
+}
+
+func enumGenOf(idx *enumIndex) uint64 {
+	if idx == nil {
+		return 0
+	}
+	return idx.gen
+}
+
+// reset empties the cache for these nodes.
+func (pc *posCache) reset(facts []nodeFacts, idx *enumIndex) {
+	*pc = posCache{
+		valid: true, enumGen: enumGenOf(idx), words: (len(facts) + 63) / 64, bySig: map[int]int{},
+		sigOf: pc.sigOf[:0], pos: pc.pos[:0], counts: [][]int{nil},
+	}
+	for _, nf := range facts {
+		pc.nodes = append(pc.nodes, nf.name)
+	}
+}
+
+// eligible is the set of nodes pj may run on; every node when none.
+func (pc *posCache) eligible(pj *pendingJob, facts []nodeFacts) nodeSet {
+	set := make(nodeSet, pc.words)
+	for j := range facts {
+		if facts[j].qualifies(pj) {
+			set[j/64] |= 1 << (j % 64)
+		}
+	}
+	if set.empty() {
+		for j := range facts {
+			set[j/64] |= 1 << (j % 64)
+		}
+	}
+	return set
+}
+
+// setOf returns the index of pj's eligible set, adding the set when pj is
+// the first job of its placement signature. Jobs that ask the same share a
+// set: it is computed once.
+func (pc *posCache) setOf(f *Farm, pj *pendingJob, facts []nodeFacts, idx *enumIndex) int {
+	sig := f.sigIDLocked(pj, idx)
+	if k, ok := pc.bySig[sig]; ok {
+		return k
+	}
+	set := pc.eligible(pj, facts)
+	k := len(pc.sets)
+	pc.bySig[sig] = k
+	pc.sets = append(pc.sets, set)
+	pc.reps = append(pc.reps, pj)
+	for a := range pc.meet {
+		pc.meet[a] = append(pc.meet[a], pc.sets[a].intersects(set))
+	}
+	row := make([]bool, k+1)
+	for b := range pc.sets {
+		row[b] = set.intersects(pc.sets[b])
+	}
+	pc.meet = append(pc.meet, row)
+	return k
 }
 
 // jobSig is the part of a queued job that decides where it may run.

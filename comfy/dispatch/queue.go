@@ -21,6 +21,7 @@ type pendingJob struct {
 
 	sigID  int    // placement signature (see Farm.sigIDLocked)
 	sigGen uint64 // the enum index generation sigID is for, plus one; 0: none yet
+	step   int    // its index in the queue's cached plan; -1 when pushed since
 }
 
 // before orders jobs of one frontend: priority first, then FIFO.
@@ -45,6 +46,17 @@ func (a *pendingJob) before(b *pendingJob) bool {
 //
 // The same procedure, run on a copy of the state, gives the order in which the
 // scheduler will start every queued job: that order is each job's position.
+//
+// That plan is kept between calls and only its tail is planned again: a
+// change to one frontend's list (a submit, a cancel) leaves every step before
+// the first one that picked from the changed part of that list as it was.
+// The round robin state is saved every planCheckpoint steps, so planning
+// resumes from the last checkpoint before that step. A submit behind the
+// queue of its frontend thus costs O(planCheckpoint + the jobs planned after
+// it), not O(queue). Starting a job (Take) and a frontend's list becoming
+// empty or non-empty change the state every step starts from: the plan is
+// made again in full (every queued job moves up one place then, so every
+// position changes anyway).
 type fairQueue struct {
 	jobs    map[string][]*pendingJob // per frontend, sorted
 	byID    map[string]*pendingJob
@@ -55,6 +67,34 @@ type fairQueue struct {
 	// LenFunc, when set, is told a frontend's number of queued jobs each
 	// time it changes (the queue depth gauge).
 	LenFunc func(frontend string, n int)
+
+	// The cached plan. valid false: make it again in full.
+	valid   bool
+	names   []string      // the frontends with jobs, sorted: the plan's frontend indexes
+	plan    []*pendingJob // plan[s] is started at step s
+	cps     []planState   // cps[c]: the state before step c*planCheckpoint
+	dirty   int           // plan steps from here on are stale
+	changed int           // lowest step changed since the last ChangedFrom
+	scratch planState
+}
+
+// planCheckpoint is how many plan steps lie between two saved states.
+const planCheckpoint = 64
+
+// planState is the round robin state between two plan steps, by frontend
+// index (fairQueue.names).
+type planState struct {
+	credit []int
+	served []uint64
+	heads  []int // jobs of each frontend picked so far
+	picks  uint64
+}
+
+func (s *planState) copyFrom(o *planState) {
+	s.credit = append(s.credit[:0], o.credit...)
+	s.served = append(s.served[:0], o.served...)
+	s.heads = append(s.heads[:0], o.heads...)
+	s.picks = o.picks
 }
 
 func newFairQueue(weights map[string]int) *fairQueue {
@@ -76,6 +116,30 @@ func (q *fairQueue) weight(frontend string) int {
 
 func (q *fairQueue) Len() int { return len(q.byID) }
 
+// invalidate makes the next Plan start over.
+func (q *fairQueue) invalidate() {
+	q.valid = false
+	q.changed = 0
+}
+
+// staleFrom marks plan steps from step on as stale. A job's step of -1
+// (pushed since the plan was made) lies in the stale part already.
+func (q *fairQueue) staleFrom(step int) {
+	if step < 0 {
+		return
+	}
+	q.dirty = min(q.dirty, step)
+	q.changed = min(q.changed, step)
+}
+
+// ChangedFrom returns the first plan step that may differ from the plan
+// of the previous call (0 on the first call), and starts counting anew.
+func (q *fairQueue) ChangedFrom() int {
+	c := q.changed
+	q.changed = len(q.byID)
+	return c
+}
+
 func (q *fairQueue) Has(id string) bool { _, ok := q.byID[id]; return ok }
 
 // Push adds a job (no-op if present).
@@ -84,8 +148,19 @@ func (q *fairQueue) Push(j *pendingJob) {
 		return
 	}
 	q.byID[j.ID] = j
+	j.step = -1
 	list := q.jobs[j.Frontend]
 	i := sort.Search(len(list), func(i int) bool { return j.before(list[i]) })
+	// The plan is the same up to the step that picked the job now behind
+	// j, or, when j comes last, up to the step after its frontend's last.
+	switch {
+	case len(list) == 0:
+		q.invalidate() // a frontend joins the round robin
+	case i < len(list):
+		q.staleFrom(list[i].step)
+	case list[i-1].step >= 0:
+		q.staleFrom(list[i-1].step + 1)
+	}
 	list = append(list, nil)
 	copy(list[i+1:], list[i:])
 	list[i] = j
@@ -105,6 +180,14 @@ func (q *fairQueue) Remove(id string) *pendingJob {
 	list := q.jobs[j.Frontend]
 	for i, x := range list {
 		if x == j {
+			switch {
+			case len(list) == 1:
+				q.invalidate() // a frontend leaves the round robin
+			case i < len(list)-1:
+				q.staleFrom(j.step)
+			case list[i-1].step >= 0:
+				q.staleFrom(list[i-1].step + 1)
+			}
 			list = append(list[:i], list[i+1:]...)
 			break
 		}
@@ -122,34 +205,55 @@ func (q *fairQueue) Remove(id string) *pendingJob {
 }
 
 // Plan returns every queued job in the order the scheduler will start them,
-// assuming any node can run any job. It runs in O(jobs × frontends) on
-// slices indexed by frontend (it is recomputed at every scheduling pass and
-// every submit, over queues thousands long).
+// assuming any node can run any job. The slice is the queue's own: read it
+// before the queue changes again, and do not modify it.
 func (q *fairQueue) Plan() []*pendingJob {
-	names := make([]string, 0, len(q.jobs))
-	for f := range q.jobs {
-		names = append(names, f)
+	if !q.valid {
+		q.names = q.names[:0]
+		for f := range q.jobs {
+			q.names = append(q.names, f)
+		}
+		sort.Strings(q.names)
+		k := len(q.names)
+		st := planState{credit: make([]int, k), served: make([]uint64, k), heads: make([]int, k), picks: q.picks}
+		for i, f := range q.names {
+			st.credit[i], st.served[i] = q.credit[f], q.served[f]
+		}
+		q.cps = append(q.cps[:0], st)
+		q.plan = q.plan[:0]
+		q.dirty, q.valid = 0, true
 	}
-	sort.Strings(names)
-	k := len(names)
+	if q.dirty >= len(q.byID) && len(q.plan) == len(q.byID) {
+		return q.plan
+	}
+	// Resume from the last checkpoint at or before the first stale step.
+	c := min(q.dirty/planCheckpoint, len(q.cps)-1)
+	st := &q.scratch
+	st.copyFrom(&q.cps[c])
+	q.cps = q.cps[:c+1]
+	q.plan = q.plan[:c*planCheckpoint]
+	k := len(q.names)
 	lists := make([][]*pendingJob, k)
-	credit := make([]int, k)
-	served := make([]uint64, k)
 	weight := make([]int, k)
-	heads := make([]int, k)
-	for i, f := range names {
-		lists[i], credit[i], served[i], weight[i] = q.jobs[f], q.credit[f], q.served[f], q.weight(f)
+	for i, f := range q.names {
+		lists[i], weight[i] = q.jobs[f], q.weight(f)
 	}
-	out := make([]*pendingJob, 0, len(q.byID))
-	picks := q.picks
-	for len(out) < len(q.byID) {
-		i := pickFrontend(lists, heads, credit, served, weight)
-		picks++
-		served[i] = picks
-		out = append(out, lists[i][heads[i]])
-		heads[i]++
+	for len(q.plan) < len(q.byID) {
+		if s := len(q.plan); s > 0 && s%planCheckpoint == 0 && s/planCheckpoint == len(q.cps) {
+			var cp planState
+			cp.copyFrom(st)
+			q.cps = append(q.cps, cp)
+		}
+		i := pickFrontend(lists, st.heads, st.credit, st.served, weight)
+		st.picks++
+		st.served[i] = st.picks
+		j := lists[i][st.heads[i]]
+		j.step = len(q.plan)
+		q.plan = append(q.plan, j)
+		st.heads[i]++
 	}
-	return out
+	q.dirty = len(q.plan)
+	return q.plan
 }
 
 // pickFrontend runs one step of smooth weighted round robin over the
@@ -187,6 +291,7 @@ func (q *fairQueue) Take(id string) *pendingJob {
 	q.credit[j.Frontend] -= total
 	q.picks++
 	q.served[j.Frontend] = q.picks
+	q.invalidate()
 	return q.Remove(id)
 }
 

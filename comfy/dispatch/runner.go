@@ -9,6 +9,7 @@ import (
 	"path"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/comfyfarm/comfyfarm/comfy"
@@ -26,6 +27,9 @@ type runner struct {
 	log    *slog.Logger
 	stop   context.CancelFunc
 	done   chan struct{}
+	// historyReads counts completions that read the node's history entry
+	// (the others took the outputs from the event stream).
+	historyReads atomic.Int64
 
 	mu          sync.Mutex
 	jobs        map[string]*active // by job id, including cancelled prompts still on the node
@@ -65,6 +69,20 @@ type active struct {
 	zombie    bool     // cancelled by us; the prompt may still occupy the node
 	avoid     []string // nodes this job failed on before, carried into a requeue
 	epoch     uint64   // the runner's streamEpoch when the job was taken on
+	// ui collects the outputs the node's executed frames carry, from
+	// execution_start on, while the stream that was open when the job was
+	// taken on stays open; nil when not collecting. uiDone is set when
+	// execution_success came on that same stream: ui is then the whole of
+	// what the history entry will list, and completion need not ask for it.
+	ui     map[string]comfy.NodeOutput
+	uiDone bool
+}
+
+// streamIntact reports whether the node's event stream has stayed open since
+// a was taken on, so that no frame of its prompt can have been missed.
+// Called with r.mu held.
+func (r *runner) streamIntact(a *active) bool {
+	return r.connected && a.epoch == r.streamEpoch
 }
 
 const maxEarlyPrompts = 64

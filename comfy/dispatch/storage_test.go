@@ -13,9 +13,6 @@ import (
 	"io"
 	"io/fs"
 	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -204,45 +201,52 @@ func TestFarmInputImages(t *testing.T) {
 	}
 }
 
+// outputSources are the two ways a farm learns a finished prompt's output
+// files: a node that ends prompts with execution_success (current) tells
+// them in its executed frames; a 2023-era node (no execution_success) is
+// asked for the history entry. rewrite is applied to whichever the node's
+// proxy should tamper with.
+var outputSources = []struct {
+	name string
+	gen  comfytest.Generation
+	via  func(t testing.TB, s *comfytest.Server, rewrite func([]byte) []byte, view func(string)) string
+}{
+	{"stream", comfytest.GenCurrent, func(t testing.TB, s *comfytest.Server, rw func([]byte) []byte, view func(string)) string {
+		return rewritingProxy(t, s, nil, rw, view)
+	}},
+	{"history", comfytest.GenLegacy, func(t testing.TB, s *comfytest.Server, rw func([]byte) []byte, view func(string)) string {
+		return rewritingProxy(t, s, rw, nil, view)
+	}},
+}
+
 // A node that names "../../etc/passwd" as an output cannot make the farm read
 // or write outside its own folders: the job fails, nothing is stored.
 func TestFarmRefusesTraversalFilenames(t *testing.T) {
 	rewrite := regexp.MustCompile(`"filename": ?"[^"]*"`)
-	e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil, nil,
-		func(name string, s *comfytest.Server) string {
-			target, _ := url.Parse(s.URL())
-			proxy := httputil.NewSingleHostReverseProxy(target)
-			proxy.ModifyResponse = func(resp *http.Response) error {
-				if !strings.HasPrefix(resp.Request.URL.Path, "/history/") {
-					return nil
-				}
-				body, err := io.ReadAll(resp.Body)
-				if err != nil {
-					return err
-				}
-				resp.Body.Close()
-				body = rewrite.ReplaceAll(body, []byte(`"filename": "../../etc/passwd"`))
-				resp.Body = io.NopCloser(bytes.NewReader(body))
-				resp.ContentLength = int64(len(body))
-				resp.Header.Del("Content-Length")
-				return nil
+	for _, src := range outputSources {
+		t.Run(src.name, func(t *testing.T) {
+			o := sdOptions()
+			o.Generation = src.gen
+			e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{o}, nil, nil,
+				func(name string, s *comfytest.Server) string {
+					return src.via(t, s, func(b []byte) []byte {
+						return rewrite.ReplaceAll(b, []byte(`"filename": "../../etc/passwd"`))
+					}, nil)
+				})
+			j := e.submit("alpha", "evil", sdGraph(ckptXL, 1, 1), 0)
+			done := e.waitState(j.ID, schema.JobFailed, 30*time.Second)
+			if done.Error == nil || done.Error.Code != schema.CodeStorageFailed {
+				t.Fatalf("error %+v", done.Error)
 			}
-			srv := httptest.NewServer(proxy)
-			t.Cleanup(srv.Close)
-			return srv.URL
+			ctrl, _ := e.reg.Get("alpha")
+			_, total, err := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil", Page: 1, Limit: 5})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if total != 0 {
+				t.Fatalf("%d photos recorded", total)
+			}
 		})
-	j := e.submit("alpha", "evil", sdGraph(ckptXL, 1, 1), 0)
-	done := e.waitState(j.ID, schema.JobFailed, 30*time.Second)
-	if done.Error == nil || done.Error.Code != schema.CodeStorageFailed {
-		t.Fatalf("error %+v", done.Error)
-	}
-	ctrl, _ := e.reg.Get("alpha")
-	_, total, err := ctrl.PhotoList(context.Background(), ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil", Page: 1, Limit: 5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if total != 0 {
-		t.Fatalf("%d photos recorded", total)
 	}
 }
 
@@ -252,64 +256,52 @@ func TestFarmRefusesTraversalFilenames(t *testing.T) {
 // written outside (or inside) the storage root.
 func TestFarmRefusesTraversalSubfolder(t *testing.T) {
 	rewrite := regexp.MustCompile(`"subfolder": ?"[^"]*"`)
-	var mu sync.Mutex
-	var views []string
-	e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil, nil,
-		func(name string, s *comfytest.Server) string {
-			target, _ := url.Parse(s.URL())
-			proxy := httputil.NewSingleHostReverseProxy(target)
-			proxy.ModifyResponse = func(resp *http.Response) error {
-				if resp.Request.URL.Path == "/view" {
-					mu.Lock()
-					views = append(views, resp.Request.URL.RawQuery)
-					mu.Unlock()
-				}
-				if !strings.HasPrefix(resp.Request.URL.Path, "/history/") {
-					return nil
-				}
-				body, err := io.ReadAll(resp.Body)
-				if err != nil {
-					return err
-				}
-				resp.Body.Close()
-				body = rewrite.ReplaceAll(body, []byte(`"subfolder": "../.."`))
-				resp.Body = io.NopCloser(bytes.NewReader(body))
-				resp.ContentLength = int64(len(body))
-				resp.Header.Del("Content-Length")
-				return nil
+	for _, src := range outputSources {
+		t.Run(src.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var views []string
+			o := sdOptions()
+			o.Generation = src.gen
+			e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{o}, nil, nil,
+				func(name string, s *comfytest.Server) string {
+					return src.via(t, s, func(b []byte) []byte {
+						return rewrite.ReplaceAll(b, []byte(`"subfolder": "../.."`))
+					}, func(q string) {
+						mu.Lock()
+						views = append(views, q)
+						mu.Unlock()
+					})
+				})
+			ctx := context.Background()
+			outside := filepath.Dir(e.localDir)
+			before := listFiles(t, outside)
+			j := e.submit("alpha", "evil-dir", sdGraph(ckptXL, 1, 1), 0)
+			done := e.waitState(j.ID, schema.JobFailed, 30*time.Second)
+			if done.Error == nil || done.Error.Code != schema.CodeStorageFailed || !strings.Contains(done.Error.Message, "unsafe") {
+				t.Fatalf("error %+v", done.Error)
 			}
-			srv := httptest.NewServer(proxy)
-			t.Cleanup(srv.Close)
-			return srv.URL
+			mu.Lock()
+			for _, q := range views {
+				if strings.Contains(q, "..") || strings.Contains(q, "%2E%2E") {
+					t.Errorf("the node was asked for /view?%s", q)
+				}
+			}
+			mu.Unlock()
+			if after := listFiles(t, outside); !slices.Equal(before, after) {
+				t.Errorf("files next to the storage root changed: %v -> %v", before, after)
+			}
+			if files := listFiles(t, e.localDir); len(files) != 0 {
+				t.Errorf("storage holds %v", files)
+			}
+			ctrl, _ := e.reg.Get("alpha")
+			_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil-dir", Page: 1, Limit: 5})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if total != 0 {
+				t.Fatalf("%d photos recorded", total)
+			}
 		})
-	ctx := context.Background()
-	outside := filepath.Dir(e.localDir)
-	before := listFiles(t, outside)
-	j := e.submit("alpha", "evil-dir", sdGraph(ckptXL, 1, 1), 0)
-	done := e.waitState(j.ID, schema.JobFailed, 30*time.Second)
-	if done.Error == nil || done.Error.Code != schema.CodeStorageFailed || !strings.Contains(done.Error.Message, "unsafe") {
-		t.Fatalf("error %+v", done.Error)
-	}
-	mu.Lock()
-	for _, q := range views {
-		if strings.Contains(q, "..") || strings.Contains(q, "%2E%2E") {
-			t.Errorf("the node was asked for /view?%s", q)
-		}
-	}
-	mu.Unlock()
-	if after := listFiles(t, outside); !slices.Equal(before, after) {
-		t.Errorf("files next to the storage root changed: %v -> %v", before, after)
-	}
-	if files := listFiles(t, e.localDir); len(files) != 0 {
-		t.Errorf("storage holds %v", files)
-	}
-	ctrl, _ := e.reg.Get("alpha")
-	_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "evil-dir", Page: 1, Limit: 5})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if total != 0 {
-		t.Fatalf("%d photos recorded", total)
 	}
 }
 

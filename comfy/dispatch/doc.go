@@ -31,6 +31,19 @@
 // JobRequeue, JobCancelActive, ...), which says from which states it
 // applies; transitions of a running job name its attempt.
 //
+// Each claimed attempt is owned by its node's runner as one record (active)
+// with a phase, from the claim to its end on the node:
+//
+//	posting --posted--> following --the node ended it--> finishing --> (final state written)
+//	   |                    |   ^                           |
+//	   |                    |   +---- no history yet -------+
+//	   |                    +--cancel, job_timeout--> abandoned --the node let go--> (forgotten)
+//	   +--the post finds the job cancelled------------^
+//
+// A posting attempt is left alone by reconcile and by a cancel (the post
+// itself finds the job cancelled); a finishing attempt no longer holds the
+// node's slot; an abandoned one holds it until the node lets go.
+//
 // The scheduler's lock is held only to pick a job and a node: the job
 // leaves the queue and the node slot is held, then the claim (one short
 // transaction) runs without the lock, so submits, cancels and position

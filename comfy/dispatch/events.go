@@ -54,7 +54,7 @@ func (r *runner) handle(ev comfy.Event) {
 	now := r.farm.cfg.NowFunc()
 	r.mu.Lock()
 	a.lastSign = now
-	zombie := a.zombie
+	abandoned := a.phase == phaseAbandoned
 	r.mu.Unlock()
 
 	switch e := ev.(type) {
@@ -65,7 +65,7 @@ func (r *runner) handle(ev comfy.Event) {
 		}
 		r.mu.Unlock()
 		r.setCurrent(a)
-		if !zombie {
+		if !abandoned {
 			r.farm.markRunning(ctx, r, a)
 		}
 	case *comfy.Executing:
@@ -74,11 +74,11 @@ func (r *runner) handle(ev comfy.Event) {
 			return
 		}
 		r.setCurrent(a)
-		if !zombie {
+		if !abandoned {
 			r.farm.markRunning(ctx, r, a) // legacy servers may skip execution_start
 		}
 	case *comfy.Progress:
-		if zombie {
+		if abandoned {
 			return
 		}
 		// A socket that connected after the prompt started (or reconnected
@@ -100,12 +100,12 @@ func (r *runner) handle(ev comfy.Event) {
 			a.ui[e.Node] = e.Output
 		}
 		r.mu.Unlock()
-		if !zombie {
+		if !abandoned {
 			r.farm.markRunning(ctx, r, a)
 			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventExecuted, NodeID: e.Node})
 		}
 	case *comfy.Preview:
-		if !zombie && len(e.Image) > 0 && len(e.Image) <= 2<<20 {
+		if !abandoned && len(e.Image) > 0 && len(e.Image) <= 2<<20 {
 			nodeID := ""
 			if e.Meta != nil {
 				nodeID = e.Meta.NodeID
@@ -122,7 +122,7 @@ func (r *runner) handle(ev comfy.Event) {
 			return // an output was blocked; the run goes on
 		}
 		r.clearCurrent(a)
-		if zombie {
+		if abandoned {
 			r.forget(a.ref())
 			return
 		}
@@ -132,7 +132,7 @@ func (r *runner) handle(ev comfy.Event) {
 		})
 	case *comfy.ExecutionInterrupted:
 		r.clearCurrent(a)
-		if zombie {
+		if abandoned {
 			r.forget(a.ref())
 			return
 		}
@@ -211,16 +211,16 @@ func (r *runner) load(now time.Time) (inflight int, busy float64) {
 func (r *runner) finished(a *active) {
 	r.clearCurrent(a)
 	r.mu.Lock()
-	if a.zombie {
+	switch a.phase {
+	case phaseAbandoned:
 		r.mu.Unlock()
 		r.forget(a.ref())
 		return
-	}
-	if a.finishing {
+	case phaseFinishing:
 		r.mu.Unlock()
 		return
 	}
-	a.finishing = true
+	a.phase = phaseFinishing
 	r.mu.Unlock()
 	r.farm.kickScheduler() // the node is free: its next job need not wait for our copying
 	r.farm.wg.Add(1)
@@ -250,17 +250,17 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 	var check []item
 	var overdue []*active
 	for _, a := range r.jobs {
-		if a.posting || a.finishing {
+		if a.phase == phasePosting || a.phase == phaseFinishing {
 			continue
 		}
-		if !a.zombie && !a.runSince.IsZero() && now.Sub(a.runSince) >= f.cfg.JobTimeout {
+		if a.phase != phaseAbandoned && !a.runSince.IsZero() && now.Sub(a.runSince) >= f.cfg.JobTimeout {
 			overdue = append(overdue, a)
 			continue
 		}
 		if a.promptID == "" {
 			continue
 		}
-		if force || now.Sub(a.lastSign) >= f.cfg.ReconcileEvery || a.zombie {
+		if force || now.Sub(a.lastSign) >= f.cfg.ReconcileEvery || a.phase == phaseAbandoned {
 			check = append(check, item{a, a.promptID})
 		}
 	}
@@ -272,8 +272,8 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		a := it.a
 		st, _, err := r.client.PromptStatus(ctx, it.pid)
 		r.mu.Lock()
-		current := r.jobs[a.jobID] == a && !a.finishing && !a.posting
-		zombie := a.zombie
+		current := r.jobs[a.jobID] == a && (a.phase == phaseFollowing || a.phase == phaseAbandoned)
+		abandoned := a.phase == phaseAbandoned
 		stalled := now.Sub(a.lastSign) > f.cfg.StallTimeout
 		// The node's stream stayed open since the job was taken on: the
 		// node was not restarted meanwhile.
@@ -293,7 +293,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 			// stall timeout.
 			if stalled {
 				switch {
-				case zombie:
+				case abandoned:
 					r.forget(a.ref())
 				case badAnswer(err):
 					f.requeueFault(ctx, r, a.ref(), "unreadable answer: "+err.Error())
@@ -305,7 +305,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		}
 		switch st.Phase {
 		case comfy.PromptRunning:
-			if !zombie {
+			if !abandoned {
 				r.setCurrent(a)
 				f.markRunning(ctx, r, a)
 			}
@@ -314,7 +314,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 			r.finished(a)
 		case comfy.PromptLost:
 			switch {
-			case zombie:
+			case abandoned:
 				r.forget(a.ref())
 			case force || !unbroken:
 				// The event stream dropped since the job was posted (or
@@ -332,11 +332,11 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 // Its prompt keeps the node's slot until the node says it ended.
 func (r *runner) timeout(ctx context.Context, a *active) {
 	r.mu.Lock()
-	if a.finishing || a.zombie || r.jobs[a.jobID] != a {
+	if a.phase == phaseFinishing || a.phase == phaseAbandoned || r.jobs[a.jobID] != a {
 		r.mu.Unlock()
 		return // it ended meanwhile
 	}
-	a.zombie = true
+	a.phase = phaseAbandoned
 	r.mu.Unlock()
 	if err := r.interrupt(ctx, a); err != nil && !errors.Is(err, context.Canceled) {
 		r.log.Warn("interrupt timed out job", "job_id", a.jobID, "err", err)

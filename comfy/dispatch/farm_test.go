@@ -185,6 +185,20 @@ func (e *farmEnv) start() {
 		})
 	}
 	<-e.farm.started
+	// Every runner's event stream open: a job posted before it connects is
+	// followed by asking the node, not by its events (a test of the stream
+	// path would then take the other path).
+	for _, name := range e.names {
+		e.eventually(10*time.Second, "the event stream of "+name, func() bool {
+			r := e.farm.runner(name)
+			if r == nil {
+				return false
+			}
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return r.connected
+		})
+	}
 }
 
 // reconciles waits for n reconcile rounds of node's runner (counting those

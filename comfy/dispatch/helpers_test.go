@@ -6,7 +6,7 @@ func (r *runner) activeIDs() []string {
 	defer r.mu.Unlock()
 	ids := make([]string, 0, len(r.jobs))
 	for id, a := range r.jobs {
-		if !a.zombie {
+		if a.phase != phaseAbandoned {
 			ids = append(ids, id)
 		}
 	}

@@ -257,7 +257,9 @@ func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
 		// Not in history after the wait: let reconcile look again later.
 		r.log.Warn("no history for finished prompt", "job_id", a.jobID, "prompt_id", a.promptID, "err", err)
 		r.mu.Lock()
-		a.finishing = false
+		if a.phase == phaseFinishing {
+			a.phase = phaseFollowing
+		}
 		r.mu.Unlock()
 		return
 	}
@@ -373,7 +375,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 		if pj == nil {
 			pj = &pendingJob{ID: job.ID}
 		}
-		a := r.reserve(job, pj, false)
+		a := r.adoptAttempt(job, pj)
 		r.mu.Lock()
 		a.state = job.State
 		if job.StartedAt != nil {
@@ -387,7 +389,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 		r.bind(job.ID, pid)
 		if job.State == schema.JobStoring {
 			r.mu.Lock()
-			a.finishing = true
+			a.phase = phaseFinishing
 			r.mu.Unlock()
 			f.wg.Add(1)
 			go func() {
@@ -462,7 +464,7 @@ func (f *Farm) retire(ctx context.Context, r *runner) {
 	r.mu.Lock()
 	var back []*active
 	for _, a := range r.jobs {
-		if !a.zombie && !a.finishing {
+		if a.phase == phasePosting || a.phase == phaseFollowing {
 			back = append(back, a)
 		}
 	}

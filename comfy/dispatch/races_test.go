@@ -113,13 +113,13 @@ func TestNodeRemovedWhileStoringDoesNotRerun(t *testing.T) {
 	}
 }
 
-// Cancel while POST /prompt is in flight: Cancel marks the entry zombie and
-// back-dates lastSign; the next reconcile finds the prompt nowhere yet
-// (Lost) and forgets the zombie; when the post returns, dispatch looks the
-// job up again, finds nothing, so never sees it was cancelled, and leaves the
-// prompt on the node. The cancelled job's prompt then occupies the node
-// (here: sits in its pending queue forever, unaccounted for).
-// Expected: the node's queue holds nothing once the cancel settled.
+// Cancel while POST /prompt is in flight. Once (when a cancelled entry was
+// marked at once and reconciled) the next reconcile found the prompt nowhere
+// yet (Lost) and forgot the entry; when the post returned, dispatch never saw
+// the cancel and left the prompt on the node, in its pending queue for ever.
+// Now an attempt being posted is left to its post, which finds the job
+// cancelled and takes the prompt off. Expected: the node's queue holds
+// nothing once the cancel settled.
 func TestCancelDuringSlowSubmitTakesPromptOff(t *testing.T) {
 	e := newFarmEnvWith(t, dbtest.SQLite(t), []comfytest.Options{sdOptions()}, nil, nil,
 		slowPromptProxy(t, 800*time.Millisecond))

@@ -52,23 +52,43 @@ type runner struct {
 	streamEpoch uint64    // counts event stream connects and drops
 }
 
-// active is a job this runner follows.
+// phase is where an attempt stands, as its runner owns it: it moves
+// forward only (posting -> following -> finishing), except that a
+// completion that found no history yet goes back to following, and any
+// phase but finishing may end in abandoned.
+type phase uint8
+
+const (
+	// phasePosting: claimed (or being claimed), inputs uploading, the
+	// prompt in flight. Reconcile leaves it alone; the slot is taken.
+	phasePosting phase = iota
+	// phaseFollowing: on the node, pending or running (state says which);
+	// the node's events and reconcile move it.
+	phaseFollowing
+	// phaseFinishing: the node ended the prompt; its history is read and
+	// its outputs stored. The node's slot is free again.
+	phaseFinishing
+	// phaseAbandoned: cancelled or timed out by us. The prompt may still
+	// occupy the node: the slot stays taken until the node lets go of it.
+	phaseAbandoned
+)
+
+// active is one attempt of a job that this runner owns, from its claim to
+// its end on the node.
 type active struct {
-	jobID     string
-	promptID  string
-	frontend  string
-	state     schema.JobState
-	models    []string
-	progress  *schema.Progress
-	lastSign  time.Time // last event or confirmation from the node
-	runSince  time.Time
-	attempt   int      // the job's attempt this entry follows
-	seq       uint64   // dispatch order on this node
-	posting   bool     // inputs being uploaded or /prompt in flight: reconcile leaves it alone
-	finishing bool     // completion under way
-	zombie    bool     // cancelled by us; the prompt may still occupy the node
-	avoid     []string // nodes this job failed on before, carried into a requeue
-	epoch     uint64   // the runner's streamEpoch when the job was taken on
+	jobID    string
+	promptID string
+	frontend string
+	state    schema.JobState
+	models   []string
+	progress *schema.Progress
+	lastSign time.Time // last event or confirmation from the node
+	runSince time.Time
+	attempt  int    // the job's attempt this entry follows
+	seq      uint64 // dispatch order on this node
+	phase    phase
+	avoid    []string // nodes this job failed on before, carried into a requeue
+	epoch    uint64   // the runner's streamEpoch when the job was taken on
 	// ui collects the outputs the node's executed frames carry, from
 	// execution_start on, while the stream that was open when the job was
 	// taken on stays open; nil when not collecting. uiDone is set when
@@ -249,10 +269,13 @@ func (r *runner) inflight() int {
 // there. A prompt the node has finished frees its slot at once, before its
 // history and outputs are fetched, so the next job can start.
 func (a *active) holdsSlot() bool {
-	if a.zombie {
+	switch a.phase {
+	case phaseAbandoned:
 		return true
+	case phaseFinishing:
+		return false
 	}
-	return !a.finishing && (a.state == schema.JobDispatched || a.state == schema.JobRunning)
+	return a.state == schema.JobDispatched || a.state == schema.JobRunning
 }
 
 func (r *runner) modelsLoaded(models []string) int {
@@ -302,7 +325,7 @@ func (r *runner) hold(pj *pendingJob) *active {
 	r.seq++
 	a := &active{
 		jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq,
-		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: true, avoid: pj.Avoid,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: phasePosting, avoid: pj.Avoid,
 		epoch: r.streamEpoch,
 	}
 	r.jobs[pj.ID] = a
@@ -327,15 +350,15 @@ func (r *runner) release(a *active) {
 	r.farm.kickScheduler()
 }
 
-// reserve counts a claimed job against the node before it is posted.
-// posting is true for a job about to be posted, false for one adopted.
-func (r *runner) reserve(job *schema.Job, pj *pendingJob, posting bool) *active {
+// adoptAttempt takes on an active job found on the node at start (or at a
+// new term): it is followed from here.
+func (r *runner) adoptAttempt(job *schema.Job, pj *pendingJob) *active {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.seq++
 	a := &active{
 		jobID: job.ID, frontend: job.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: job.Attempts,
-		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), posting: posting, avoid: pj.Avoid,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: phaseFollowing, avoid: pj.Avoid,
 		epoch: r.streamEpoch,
 	}
 	r.jobs[job.ID] = a
@@ -400,7 +423,9 @@ func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
 	start := f.cfg.NowFunc()
 	posted := func() {
 		r.mu.Lock()
-		a.posting = false
+		if a.phase == phasePosting {
+			a.phase = phaseFollowing
+		}
 		a.lastSign = f.cfg.NowFunc()
 		r.mu.Unlock()
 	}
@@ -432,9 +457,9 @@ func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
 		r.log.Error("record prompt id", "job_id", job.ID, "err", err)
 	}
 	r.mu.Lock()
-	cancelled = cancelled || a.zombie
+	cancelled = cancelled || a.phase == phaseAbandoned
 	if cancelled {
-		a.zombie = true // the slot stays taken until the node lets go of the prompt
+		a.phase = phaseAbandoned // the slot stays taken until the node lets go of the prompt
 	}
 	r.mu.Unlock()
 	if cancelled {

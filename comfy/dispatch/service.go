@@ -420,7 +420,7 @@ func (r *runner) aheadOf(jobID string) int {
 		if a == me {
 			continue
 		}
-		if a.zombie || a.state == schema.JobRunning || (a.state == schema.JobDispatched && a.seq < me.seq) {
+		if a.phase == phaseAbandoned || a.state == schema.JobRunning || (a.state == schema.JobDispatched && a.seq < me.seq) {
 			ahead++
 		}
 	}
@@ -527,12 +527,16 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 	// Dispatched or running: take it off the node.
 	r := f.runner(j.Node)
 	var a *active
-	wasZombie := false
+	var was phase
 	if r != nil {
 		r.mu.Lock()
 		a = r.jobs[id]
-		if a != nil {
-			wasZombie, a.zombie = a.zombie, true
+		// An attempt being posted is left to finish its post: it then finds
+		// the job cancelled and takes its prompt off the node.
+		if a != nil && a.phase != phasePosting {
+			was, a.phase = a.phase, phaseAbandoned
+		} else {
+			a = nil
 		}
 		r.mu.Unlock()
 	}
@@ -540,7 +544,7 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 	if err != nil {
 		if r != nil && a != nil {
 			r.mu.Lock()
-			a.zombie = wasZombie
+			a.phase = was
 			r.mu.Unlock()
 		}
 		if errors.Is(err, schema.ErrConflict) {
@@ -589,10 +593,14 @@ func (f *Farm) cancelHere(ctx context.Context, id string) {
 	for _, r := range f.runnerList() {
 		r.mu.Lock()
 		a := r.jobs[id]
-		if a != nil {
-			a.zombie = true
+		posting := a != nil && a.phase == phasePosting
+		if a != nil && !posting {
+			a.phase = phaseAbandoned
 		}
 		r.mu.Unlock()
+		if posting {
+			return // the post finds the job cancelled and takes it off
+		}
 		if a != nil {
 			f.takeOff(ctx, r, a)
 			return

@@ -179,7 +179,7 @@ func TestFarmProgressMeansRunning(t *testing.T) {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		for p, a := range r.byPrompt {
-			if a.jobID == j.ID && !a.posting {
+			if a.jobID == j.ID && a.phase != phasePosting {
 				pid = p
 				return true
 			}

@@ -69,6 +69,7 @@ type Redis struct {
 	wake    chan struct{} // the writer has work
 	flushed *sync.Cond    // signalled when pending shrinks (for Flush)
 	busy    int           // events taken by the writer, not yet written
+	dropped int64         // droppable events dropped while too many waited
 }
 
 type outgoing struct {
@@ -173,6 +174,13 @@ func (r *Redis) PublishEvent(jobID string, ev schema.Event) {
 		return
 	}
 	r.mu.Lock()
+	if len(r.pending) >= maxPending && ev.Type.Droppable() {
+		// Redis has been away a while: progress and previews go, state
+		// changes wait (a handful per job).
+		r.dropped++
+		r.mu.Unlock()
+		return
+	}
 	r.pending = append(r.pending, outgoing{jobID: jobID, body: body, term: ev.Type.Terminal(), store: ev.Type != schema.EventPreview})
 	r.mu.Unlock()
 	select {
@@ -202,6 +210,17 @@ func (r *Redis) Flush(ctx context.Context) error {
 
 // maxBatch bounds the events written in one pipeline.
 const maxBatch = 512
+
+// maxPending is how many events may wait for Redis before droppable ones
+// (progress, previews) are dropped.
+const maxPending = 10000
+
+// Dropped counts events dropped while Redis was away.
+func (r *Redis) Dropped() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.dropped
+}
 
 // writeLoop writes queued events until ctx ends.
 func (r *Redis) writeLoop(ctx context.Context) {

@@ -2,6 +2,11 @@ package dispatch
 
 import (
 	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -153,5 +158,131 @@ func TestClusterStaleLeaderIsFenced(t *testing.T) {
 	}
 	if role, leader := a.farm.Role(); role != RoleFollower || leader != "b" {
 		t.Errorf("a after resuming: %s, leader %q", role, leader)
+	}
+}
+
+// privateRedis runs a redis-server of its own on a free loopback port, so a
+// test may kill and restart it.
+type privateRedis struct {
+	t    *testing.T
+	port int
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func startPrivateRedis(t *testing.T) *privateRedis {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv(redistest.EnvRequireRedis) == "1" {
+			t.Fatal("redis-server is required")
+		}
+		t.Skip("no redis-server on this machine")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &privateRedis{t: t, port: ln.Addr().(*net.TCPAddr).Port}
+	ln.Close()
+	p.start()
+	t.Cleanup(p.kill)
+	return p
+}
+
+func (p *privateRedis) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", p.port) }
+
+func (p *privateRedis) start() {
+	p.cmd = exec.Command("redis-server", "--port", strconv.Itoa(p.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	if err := p.cmd.Start(); err != nil {
+		p.t.Fatal(err)
+	}
+	p.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(p.cmd, p.done)
+	eventually(p.t, 10*time.Second, "redis-server answering", func() bool {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", p.port))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+func (p *privateRedis) kill() {
+	if p.cmd == nil {
+		return
+	}
+	_ = p.cmd.Process.Kill()
+	<-p.done
+	p.cmd = nil
+}
+
+// Redis is killed (everything in it lost) and restarted while jobs run
+// and are followed on a follower: every job still succeeds once, and every
+// subscriber gets its terminal event (events waited for Redis, the streams
+// were read again after the reconnect).
+func TestClusterRedisRestart(t *testing.T) {
+	dbcfg := dbtest.MySQL(t)
+	rds := startPrivateRedis(t)
+	ctx := context.Background()
+	reg, err := dbcontrollers.NewRegistry(ctx, dbcfg, []dbcontrollers.FrontendConfig{{Name: "style", Controller: "style", InitialCredits: 100, CostPerJob: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	local, err := oss.NewLocal(oss.LocalConfig{Dir: t.TempDir(), BaseURL: "http://127.0.0.1:1/files/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := comfytest.NewServer(comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 100 * time.Millisecond}})
+	t.Cleanup(node.Close)
+	a := startReplicaFarm(t, "a", dbcfg, rds.url(), "cf:", reg, local, node)
+	eventually(t, 10*time.Second, "a leads", func() bool { return a.farm.leading() })
+	b := startReplicaFarm(t, "b", dbcfg, rds.url(), "cf:", reg, local, node)
+	eventually(t, 10*time.Second, "b follows", func() bool { _, l := b.farm.Role(); return l == "a" })
+
+	const jobs = 20
+	ids := make([]string, jobs)
+	ends := make(chan schema.EventType, jobs)
+	for i := range jobs {
+		j, err := b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u", Workflow: sdGraph(ckptXL, 2, i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = j.ID
+		evs, cancel, err := b.farm.Subscribe(ctx, j.ID, 0, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(cancel)
+		go func() {
+			var last schema.EventType
+			for ev := range evs {
+				last = ev.Type
+			}
+			ends <- last
+		}()
+	}
+	eventually(t, 30*time.Second, "a few jobs done", func() bool { return node.Stats().Executed >= 4 })
+	rds.kill()
+	time.Sleep(time.Second) // jobs go on meanwhile; their events wait
+	rds.start()
+	for range jobs {
+		select {
+		case last := <-ends:
+			if last != schema.EventSucceeded {
+				t.Errorf("a stream ended with %q", last)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("a stream got no terminal event after Redis came back")
+		}
+	}
+	for _, id := range ids {
+		j, err := b.farm.db.JobGet(ctx, id)
+		if err != nil || j.State != schema.JobSucceeded {
+			t.Errorf("job %s: %v %v", id, j.State, err)
+		}
+	}
+	if st := node.Stats(); st.Executed != jobs {
+		t.Errorf("the node ran %d prompts for %d jobs", st.Executed, jobs)
 	}
 }

@@ -105,6 +105,13 @@ func loadTemplateFile(ctx context.Context, store TemplateStore, frontend, name, 
 		return nil, err
 	}
 	if err := store.TemplateInsert(ctx, t); err != nil {
+		// Replicas starting together load the same files: the one that
+		// lost the race finds the version the other stored.
+		if errors.Is(err, schema.ErrConflict) {
+			if latest, gerr := store.TemplateGet(ctx, frontend, name, 0); gerr == nil && sameTemplate(latest, t) {
+				return nil, nil
+			}
+		}
 		return nil, err
 	}
 	return t, nil

@@ -35,15 +35,21 @@ type SystemInfo struct {
 // UnmarshalJSON decodes the system block, noting whether comfyui_version is present.
 func (s *SystemInfo) UnmarshalJSON(b []byte) error {
 	type plain SystemInfo
-	var p plain
-	if err := json.Unmarshal(b, &p); err != nil {
+	// One pass: the shallower comfyui_version field takes the key, so
+	// presence shows as a non-nil raw value (JSON null included).
+	var w struct {
+		plain
+		Version json.RawMessage `json:"comfyui_version"`
+	}
+	if err := json.Unmarshal(b, &w); err != nil {
 		return err
 	}
-	var keys map[string]json.RawMessage
-	if err := json.Unmarshal(b, &keys); err != nil {
-		return err
+	p := w.plain
+	if p.HasVersion = w.Version != nil; p.HasVersion {
+		if err := json.Unmarshal(w.Version, &p.ComfyUIVersion); err != nil {
+			return err
+		}
 	}
-	_, p.HasVersion = keys["comfyui_version"]
 	*s = SystemInfo(p)
 	return nil
 }

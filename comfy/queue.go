@@ -1,8 +1,10 @@
 package comfy
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -92,6 +94,86 @@ func (q *Queue) UnmarshalJSON(b []byte) error {
 	}
 	q.Running, q.Pending = w.Running, w.Pending
 	return nil
+}
+
+// QueueCounts fetches GET /queue and returns only how many prompts run and wait. It reads
+// the items as raw JSON (each must be an array) and decodes none of them: the graphs they
+// carry are scanned once, not decoded into maps. For a poller (the node prober).
+func (c *Client) QueueCounts(ctx context.Context) (running, pending int, err error) {
+	var raw json.RawMessage
+	if err := c.doJSON(ctx, request{method: http.MethodGet, path: "/queue"}, &raw); err != nil {
+		return 0, 0, err
+	}
+	running, pending, err = DecodeQueueCounts(raw)
+	if err != nil {
+		return 0, 0, fmt.Errorf("comfy: GET /queue: decode: %w", err)
+	}
+	return running, pending, nil
+}
+
+// DecodeQueueCounts reads the counts of a GET /queue body as QueueCounts does: the body
+// must be valid JSON, an object whose queue_running and queue_pending (when present) are
+// arrays of arrays. The two lists are kept raw and only their top level is walked: the
+// graphs inside the items are skipped, not decoded.
+func DecodeQueueCounts(body []byte) (running, pending int, err error) {
+	var top struct {
+		Running json.RawMessage `json:"queue_running"`
+		Pending json.RawMessage `json:"queue_pending"`
+	}
+	if err := json.Unmarshal(body, &top); err != nil {
+		return 0, 0, err
+	}
+	if running, err = countItems(top.Running); err != nil {
+		return 0, 0, err
+	}
+	if pending, err = countItems(top.Pending); err != nil {
+		return 0, 0, err
+	}
+	return running, pending, nil
+}
+
+// countItems counts the elements of a valid JSON array whose elements are arrays; a
+// missing list (nil or null) counts 0.
+func countItems(list json.RawMessage) (int, error) {
+	list = bytes.TrimSpace(list)
+	if len(list) == 0 || string(list) == "null" {
+		return 0, nil
+	}
+	if list[0] != '[' {
+		return 0, errors.New("queue list is not an array")
+	}
+	n, depth, inString, escaped := 0, 0, false, false
+	for _, c := range list {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			if depth == 1 {
+				return 0, errors.New("queue item is not an array")
+			}
+			inString = true
+		case c == '[' || c == '{':
+			if depth == 1 {
+				if c != '[' {
+					return 0, errors.New("queue item is not an array")
+				}
+				n++
+			}
+			depth++
+		case c == ']' || c == '}':
+			depth--
+		case depth == 1 && c != ',' && c != ' ' && c != '\t' && c != '\n' && c != '\r':
+			return 0, errors.New("queue item is not an array")
+		}
+	}
+	return n, nil
 }
 
 // Queue fetches GET /queue. Items carry full graphs on the wire: poll sparingly.

@@ -143,6 +143,40 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		[]string{fmt.Sprintf("trivial job, %d in a row, through comfyfarm", o.jobs), "p50 " + ms(pct(farm, 50)), "p90 " + ms(pct(farm, 90))},
 		[]string{"added by comfyfarm (queue, dispatch, storage, photo row)", "p50 +" + ms(pct(farm, 50)-pct(direct, 50)), "p90 +" + ms(pct(farm, 90)-pct(direct, 90))},
 	)
+	if len(o.nodes) >= 2 {
+		// Two clients at once: directly, each on a node of its own; through
+		// the farm, on the same two nodes.
+		var direct2 []time.Duration
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		var errs []error
+		for k := range 2 {
+			wg.Go(func() {
+				d, err := benchDirect(ctx, o.nodes[k], o.jobs)
+				mu.Lock()
+				defer mu.Unlock()
+				direct2 = append(direct2, d...)
+				errs = append(errs, err)
+			})
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			stopFarm()
+			return fmt.Errorf("direct, 2 clients: %w", err)
+		}
+		farm2, err := benchViaFarm(ctx, base, key, 2*o.jobs, 2)
+		if err != nil {
+			stopFarm()
+			return fmt.Errorf("through the farm, 2 clients: %w", err)
+		}
+		slices.Sort(direct2)
+		slices.Sort(farm2)
+		rows = append(rows,
+			[]string{"2 clients at once, direct (a node each)", "p50 " + ms(pct(direct2, 50)), "p90 " + ms(pct(direct2, 90))},
+			[]string{"2 clients at once, through comfyfarm (2 nodes)", "p50 " + ms(pct(farm2, 50)), "p90 " + ms(pct(farm2, 90))},
+			[]string{"added by comfyfarm, 2 clients", "p50 +" + ms(pct(farm2, 50)-pct(direct2, 50)), "p90 +" + ms(pct(farm2, 90)-pct(direct2, 90))},
+		)
+	}
 	start := time.Now()
 	if _, err := benchViaFarm(ctx, base, key, o.burst, o.burst); err != nil {
 		stopFarm()

@@ -15,8 +15,8 @@
 //	   |  |         | execution_start / executing       |
 //	   |  |         v                                   |
 //	   +--+----- running ----- Cancel: interrupt -------+--> cancelled
-//	requeue         | execution_success, executing(null);
-//	(node lost,     | confirmed by /history
+//	requeue         | execution_success (outputs from the stream),
+//	(node lost,     | executing(null) (outputs from /history)
 //	 prompt lost,   v
 //	 interrupted  storing --(objects + photo rows)--> succeeded
 //	 by others,     |
@@ -92,7 +92,11 @@
 // work the longest ago. The same order gives every queued job its position,
 // pushed to subscribers as queued events when it changes: the number of jobs
 // planned before it whose eligible nodes overlap its own (jobs that can run on
-// disjoint sets of nodes do not wait for each other).
+// disjoint sets of nodes do not wait for each other). The plan and the
+// positions are kept between changes and worked out again only from the
+// first step a change can affect (a submit behind its frontend's queue
+// touches the end of the plan), from checkpoints of the round robin state;
+// starting a job, which moves every waiting job up, plans anew.
 //
 // # Placement
 //
@@ -119,7 +123,11 @@
 // prompt id is chosen by us (servers since 0.3.45 honour it), so events that
 // arrive before the /prompt response are recognised; for older servers such
 // events are buffered until the response names the prompt. Completion is
-// execution_success or executing(null), confirmed through /history. After a
+// execution_success or executing(null). When the stream carried the whole
+// run on one connection (execution_start to execution_success), the outputs
+// are those of its executed frames, which are what the history entry lists;
+// otherwise (a reconnect on the way, a 2023-era server without
+// execution_success, an adopted job) they come from /history. After a
 // reconnect, and for any job without a recent sign of life, the runner asks
 // the node's queue and then its history: pending or running jobs stay, done
 // jobs complete, lost jobs go back to the queue (attempt + 1, up to

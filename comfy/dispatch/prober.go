@@ -1,9 +1,12 @@
 package dispatch
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -149,7 +152,7 @@ func runProbe(ctx context.Context, t probeTarget, timeout time.Duration, dial di
 	var handed atomic.Bool
 	tr := &http.Transport{
 		// The first connection is the one just checked; a later one (the
-		// server closed after the first answer) is dialed the same way.
+		// server closed after an answer) is dialed the same way.
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			if handed.CompareAndSwap(false, true) {
 				return conn, nil
@@ -165,6 +168,17 @@ func runProbe(ctx context.Context, t probeTarget, timeout time.Duration, dial di
 		}
 		tr.CloseIdleConnections()
 	}()
+	answered, err = askComfy(ctx, tr, t.base, timeout, &res)
+	if err != nil {
+		return res, answered
+	}
+	res.ComfyOK = true
+	return res, true
+}
+
+// askComfy asks the node over tr (fetchComfy) and reports whether any
+// HTTP answer came; a failure is described in res.Error.
+func askComfy(ctx context.Context, tr http.RoundTripper, base string, timeout time.Duration, res *schema.ProbeResult) (answered bool, err error) {
 	var got atomic.Bool
 	hc := &http.Client{
 		Transport: answerRecorder{rt: tr, answered: &got},
@@ -172,7 +186,7 @@ func runProbe(ctx context.Context, t probeTarget, timeout time.Duration, dial di
 			return http.ErrUseLastResponse
 		},
 	}
-	err = fetchComfy(ctx, hc, t.base, timeout, &res)
+	err = fetchComfy(ctx, hc, base, timeout, res)
 	answered = got.Load()
 	if err != nil {
 		if ctx.Err() != nil && !answered {
@@ -180,10 +194,144 @@ func runProbe(ctx context.Context, t probeTarget, timeout time.Duration, dial di
 		} else {
 			res.Error = err.Error()
 		}
-		return res, answered
 	}
-	res.ComfyOK = true
+	return answered, err
+}
+
+// probeSession is one node's connection kept by its probe loop from a good
+// probe to the next. Those probes ask over it with two plain HTTP/1.1
+// requests written here and answers read by http.ReadResponse: no connect,
+// no transport with its two goroutines per connection, no client. Only
+// when asking that way fails is the node probed again the full way
+// (runProbe, a new connection), which tells a closed port from an
+// unreachable host and an answer from none. Plain http only: an https node
+// is always probed the full way.
+type probeSession struct {
+	base string // the target it was made for
+	host string // Host header
+	path string // the base URL's path prefix
+	dial dialFunc
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+func newProbeSession(t probeTarget, dial dialFunc) *probeSession {
+	u, err := url.Parse(t.base)
+	if err != nil || u.Scheme != "http" {
+		return nil
+	}
+	return &probeSession{base: t.base, host: u.Host, path: u.EscapedPath(), dial: dial}
+}
+
+// probe asks the node over the kept connection (opening it the first
+// time); ok false when that failed.
+func (s *probeSession) probe(ctx context.Context, t probeTarget, timeout time.Duration, now func() time.Time) (res schema.ProbeResult, ok bool) {
+	res = schema.ProbeResult{URL: t.base, Host: t.host, Port: t.port, Devices: []schema.Device{}}
+	start := time.Now()
+	res.ProbedAt = now().UTC()
+	if timeout <= 0 {
+		timeout = 3 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if s.conn == nil {
+		c, err := s.dial(ctx)
+		if err != nil {
+			return res, false
+		}
+		s.conn, s.br = c, bufio.NewReaderSize(c, 4<<10)
+	}
+	deadline, _ := ctx.Deadline()
+	if s.conn.SetDeadline(deadline) != nil {
+		return res, false
+	}
+	stop := context.AfterFunc(ctx, func() { _ = s.conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	body, status, err := s.get("/system_stats")
+	switch {
+	case err != nil:
+		return res, false
+	case status == http.StatusOK:
+		var stats comfy.SystemStats
+		if json.Unmarshal(body, &stats) != nil {
+			return res, false
+		}
+		res.ComfyUIVersion = stats.System.ComfyUIVersion
+		for _, d := range stats.Devices {
+			res.Devices = append(res.Devices, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
+		}
+	case status != http.StatusNotFound: // builds from before mid-2023 have none
+		return res, false
+	}
+	body, status, err = s.get("/queue")
+	if err != nil || status != http.StatusOK {
+		return res, false
+	}
+	if res.QueueRunning, res.QueuePending, err = comfy.DecodeQueueCounts(body); err != nil {
+		return res, false
+	}
+	res.HostReachable, res.PortOpen, res.ComfyOK = true, true, true
+	res.LatencyMS = float64(time.Since(start).Microseconds()) / 1000
 	return res, true
+}
+
+// get sends GET path on the kept connection and reads the whole answer
+// (at most probeMaxJSON bytes). A connection the answer does not leave
+// reusable is closed; the next get opens none (the session is done).
+func (s *probeSession) get(path string) (body []byte, status int, err error) {
+	if s.conn == nil {
+		return nil, 0, errors.New("connection closed")
+	}
+	req := "GET " + s.path + path + " HTTP/1.1\r\nHost: " + s.host + "\r\nUser-Agent: comfyfarm\r\nAccept: application/json\r\n\r\n"
+	if _, err := io.WriteString(s.conn, req); err != nil {
+		s.close()
+		return nil, 0, err
+	}
+	resp, err := http.ReadResponse(s.br, nil)
+	if err != nil {
+		s.close()
+		return nil, 0, err
+	}
+	body, err = io.ReadAll(io.LimitReader(resp.Body, probeMaxJSON+1))
+	resp.Body.Close()
+	if err == nil && len(body) > probeMaxJSON {
+		err = fmt.Errorf("answer larger than %d bytes", probeMaxJSON)
+	}
+	if err != nil || resp.Close {
+		s.close()
+	}
+	return body, resp.StatusCode, err
+}
+
+func (s *probeSession) close() {
+	if s != nil && s.conn != nil {
+		s.conn.Close()
+		s.conn, s.br = nil, nil
+	}
+}
+
+// probeKept probes t over *sess when it holds a connection to t, else (or
+// when that fails) from a new connection, keeping that one in *sess when
+// the probe was good.
+func (n *Nodes) probeKept(ctx context.Context, t probeTarget, sess **probeSession) (schema.ProbeResult, bool) {
+	if s := *sess; s != nil {
+		if s.base == t.base {
+			if res, ok := s.probe(ctx, t, n.cfg.Timeout, n.cfg.NowFunc); ok {
+				return res, true
+			}
+		}
+		s.close()
+		*sess = nil
+	}
+	if ctx.Err() != nil {
+		return schema.ProbeResult{URL: t.base, Host: t.host, Port: t.port, Devices: []schema.Device{}, Error: "probe cancelled"}, false
+	}
+	dial := dialHost(t, n.dialer)
+	res, answered := runProbe(ctx, t, n.cfg.Timeout, dial, n.cfg.NowFunc)
+	if res.ComfyOK {
+		*sess = newProbeSession(t, dial)
+	}
+	return res, answered
 }
 
 // answerRecorder notes that a response (any status) arrived.
@@ -258,11 +406,11 @@ func fetchComfy(ctx context.Context, hc *http.Client, base string, timeout time.
 	default:
 		return err
 	}
-	q, err := c.Queue(ctx)
+	running, pending, err := c.QueueCounts(ctx)
 	if err != nil {
 		return err
 	}
-	res.QueueRunning, res.QueuePending = len(q.Running), len(q.Pending)
+	res.QueueRunning, res.QueuePending = running, pending
 	return nil
 }
 
@@ -315,6 +463,8 @@ func (n *Nodes) startWorkerLocked(e *nodeEntry) {
 // previous one ended; the first comes within Jitter of one interval so nodes
 // loaded together do not all go at once.
 func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
+	var sess *probeSession // the connection of the last good probe
+	defer func() { sess.close() }()
 	delay := time.Duration(rand.Float64() * n.cfg.Jitter * float64(n.cfg.Interval))
 	due := time.Now().Add(delay)
 	wait := n.waitFunc
@@ -350,7 +500,7 @@ func (n *Nodes) probeLoop(ctx context.Context, e *nodeEntry, name string) {
 			<-n.sem
 			return
 		}
-		res, answered := runProbe(ctx, t, n.cfg.Timeout, dialHost(t, n.dialer), n.cfg.NowFunc)
+		res, answered := n.probeKept(ctx, t, &sess)
 		<-n.sem
 		if ctx.Err() != nil {
 			return // stopping or removed: the result says nothing about the node

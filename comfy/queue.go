@@ -113,23 +113,105 @@ func (c *Client) QueueCounts(ctx context.Context) (running, pending int, err err
 
 // DecodeQueueCounts reads the counts of a GET /queue body as QueueCounts does: the body
 // must be valid JSON, an object whose queue_running and queue_pending (when present) are
-// arrays of arrays. The two lists are kept raw and only their top level is walked: the
-// graphs inside the items are skipped, not decoded.
+// arrays of arrays. The body is validated in one pass and its top level walked in another:
+// the graphs inside the items are skipped, never decoded (a prober reads this every few
+// seconds from every node).
 func DecodeQueueCounts(body []byte) (running, pending int, err error) {
-	var top struct {
-		Running json.RawMessage `json:"queue_running"`
-		Pending json.RawMessage `json:"queue_pending"`
+	if !json.Valid(body) {
+		return 0, 0, errors.New("not valid JSON")
 	}
-	if err := json.Unmarshal(body, &top); err != nil {
+	i := skipJSONSpace(body, 0)
+	if body[i] != '{' {
+		return 0, 0, errors.New("queue answer is not an object")
+	}
+	i = skipJSONSpace(body, i+1)
+	// As the decoder does: keys match case-insensitively, the last of
+	// repeated keys wins.
+	var runRaw, pendRaw []byte
+	for body[i] != '}' {
+		keyEnd := jsonValueEnd(body, i)
+		key := body[i+1 : keyEnd-1]
+		if bytes.IndexByte(key, '\\') >= 0 { // an escaped key: read it as the decoder would
+			var k string
+			if err := json.Unmarshal(body[i:keyEnd], &k); err != nil {
+				return 0, 0, err
+			}
+			key = []byte(k)
+		}
+		i = skipJSONSpace(body, keyEnd) // at ':'
+		i = skipJSONSpace(body, i+1)    // at the value
+		end := jsonValueEnd(body, i)
+		switch {
+		case bytes.EqualFold(key, []byte("queue_running")):
+			runRaw = body[i:end]
+		case bytes.EqualFold(key, []byte("queue_pending")):
+			pendRaw = body[i:end]
+		}
+		i = skipJSONSpace(body, end)
+		if body[i] == ',' {
+			i = skipJSONSpace(body, i+1)
+		}
+	}
+	if running, err = countItems(runRaw); err != nil {
 		return 0, 0, err
 	}
-	if running, err = countItems(top.Running); err != nil {
-		return 0, 0, err
-	}
-	if pending, err = countItems(top.Pending); err != nil {
+	if pending, err = countItems(pendRaw); err != nil {
 		return 0, 0, err
 	}
 	return running, pending, nil
+}
+
+// skipJSONSpace returns the index of the first byte at or after i that is
+// not JSON white space.
+func skipJSONSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// jsonValueEnd returns the index just after the value starting at i of
+// valid JSON b.
+func jsonValueEnd(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		for j := i + 1; j < len(b); j++ {
+			switch b[j] {
+			case '\\':
+				j++
+			case '"':
+				return j + 1
+			}
+		}
+		return len(b)
+	case '[', '{':
+		depth, inString := 0, false
+		for j := i; j < len(b); j++ {
+			c := b[j]
+			switch {
+			case inString:
+				if c == '\\' {
+					j++
+				} else if c == '"' {
+					inString = false
+				}
+			case c == '"':
+				inString = true
+			case c == '[' || c == '{':
+				depth++
+			case c == ']' || c == '}':
+				if depth--; depth == 0 {
+					return j + 1
+				}
+			}
+		}
+		return len(b)
+	}
+	j := i
+	for j < len(b) && b[j] != ',' && b[j] != '}' && b[j] != ']' && b[j] != ' ' && b[j] != '\t' && b[j] != '\n' && b[j] != '\r' {
+		j++
+	}
+	return j
 }
 
 // countItems counts the elements of a valid JSON array whose elements are arrays; a

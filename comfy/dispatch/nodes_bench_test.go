@@ -169,7 +169,14 @@ func TestProbeFarmBench(t *testing.T) {
 	// The first probe of each node comes within Jitter of an interval; then
 	// one every interval (±10%). rounds+0.5 intervals give every node at
 	// least `rounds` probes.
-	time.Sleep(time.Duration(float64(rounds)*float64(interval) + 0.5*float64(interval)))
+	// The steady state is measured from the end of the first round (every
+	// node's full probe and the opening of its kept connection) on.
+	time.Sleep(interval + interval/2)
+	mu.Lock()
+	probes1 := len(lags)
+	mu.Unlock()
+	cpu1, wall1 := cpuTime(), time.Now()
+	time.Sleep(time.Duration(float64(rounds-1) * float64(interval)))
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	goroutines := runtime.NumGoroutine()
@@ -178,6 +185,7 @@ func TestProbeFarmBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	cpu, wall := cpuTime()-cpu0, time.Since(wall0)
+	cpuSteady, wallSteady := cpuTime()-cpu1, time.Since(wall1)
 
 	mu.Lock()
 	defer mu.Unlock()
@@ -202,6 +210,9 @@ func TestProbeFarmBench(t *testing.T) {
 		nodes, interval, wall.Round(time.Millisecond), len(lags), failed, minRounds, up)
 	t.Logf("prober CPU %s = %.2f%% of one core; %.0f µs CPU per probe",
 		cpu.Round(time.Millisecond), 100*cpu.Seconds()/wall.Seconds(), float64(cpu.Microseconds())/float64(max(1, len(lags))))
+	t.Logf("steady state (after the first round): %s CPU over %s = %.2f%% of one core; %.0f µs CPU per probe",
+		cpuSteady.Round(time.Millisecond), wallSteady.Round(time.Millisecond), 100*cpuSteady.Seconds()/wallSteady.Seconds(),
+		float64(cpuSteady.Microseconds())/float64(max(1, len(lags)-probes1)))
 	t.Logf("probe lag (scheduled -> started): p50 %s, p99 %s, max %s",
 		percentile(lags, .5), percentile(lags, .99), percentile(lags, 1))
 	t.Logf("probe latency: p50 %s, p99 %s, max %s",

@@ -206,21 +206,38 @@ func askComfy(ctx context.Context, tr http.RoundTripper, base string, timeout ti
 // (runProbe, a new connection), which tells a closed port from an
 // unreachable host and an answer from none. Plain http only: an https node
 // is always probed the full way.
+//
+// /queue (the node answers, and its queue) is asked at every probe;
+// /system_stats (version, devices and their free VRAM) at every
+// statsEvery-th, the others carrying its last answer: a node's version and
+// devices change only with a restart, which ends the connection (the full
+// probe then reads them at once), and free VRAM is shown, not scheduled on.
 type probeSession struct {
-	base string // the target it was made for
-	host string // Host header
-	path string // the base URL's path prefix
-	dial dialFunc
-	conn net.Conn
-	br   *bufio.Reader
+	base  string // the target it was made for
+	host  string // Host header
+	path  string // the base URL's path prefix
+	dial  dialFunc
+	conn  net.Conn
+	br    *bufio.Reader
+	asked int    // probes made over the session
+	buf   []byte // answers are read into it: a body is good until the next get
+	// The last /system_stats answer: version and devices.
+	version string
+	devices []schema.Device
 }
 
-func newProbeSession(t probeTarget, dial dialFunc) *probeSession {
+// statsEvery is how often a kept connection's probe reads /system_stats:
+// every 6th probe, 30 s at the default interval.
+const statsEvery = 6
+
+// newProbeSession starts a session after the good full probe res.
+func newProbeSession(t probeTarget, dial dialFunc, res schema.ProbeResult) *probeSession {
 	u, err := url.Parse(t.base)
 	if err != nil || u.Scheme != "http" {
 		return nil
 	}
-	return &probeSession{base: t.base, host: u.Host, path: u.EscapedPath(), dial: dial}
+	return &probeSession{base: t.base, host: u.Host, path: u.EscapedPath(), dial: dial,
+		version: res.ComfyUIVersion, devices: res.Devices}
 }
 
 // probe asks the node over the kept connection (opening it the first
@@ -247,23 +264,28 @@ func (s *probeSession) probe(ctx context.Context, t probeTarget, timeout time.Du
 	}
 	stop := context.AfterFunc(ctx, func() { _ = s.conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	body, status, err := s.get("/system_stats")
-	switch {
-	case err != nil:
-		return res, false
-	case status == http.StatusOK:
-		var stats comfy.SystemStats
-		if json.Unmarshal(body, &stats) != nil {
+	s.asked++
+	if s.asked%statsEvery == 0 {
+		body, status, err := s.get("/system_stats")
+		switch {
+		case err != nil:
+			return res, false
+		case status == http.StatusOK:
+			var stats comfy.SystemStats
+			if json.Unmarshal(body, &stats) != nil {
+				return res, false
+			}
+			s.version, s.devices = stats.System.ComfyUIVersion, make([]schema.Device, 0, len(stats.Devices))
+			for _, d := range stats.Devices {
+				s.devices = append(s.devices, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
+			}
+		case status != http.StatusNotFound: // builds from before mid-2023 have none
 			return res, false
 		}
-		res.ComfyUIVersion = stats.System.ComfyUIVersion
-		for _, d := range stats.Devices {
-			res.Devices = append(res.Devices, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
-		}
-	case status != http.StatusNotFound: // builds from before mid-2023 have none
-		return res, false
 	}
-	body, status, err = s.get("/queue")
+	res.ComfyUIVersion = s.version
+	res.Devices = append(res.Devices, s.devices...)
+	body, status, err := s.get("/queue")
 	if err != nil || status != http.StatusOK {
 		return res, false
 	}
@@ -292,7 +314,8 @@ func (s *probeSession) get(path string) (body []byte, status int, err error) {
 		s.close()
 		return nil, 0, err
 	}
-	body, err = io.ReadAll(io.LimitReader(resp.Body, probeMaxJSON+1))
+	body, err = readInto(s.buf[:0], io.LimitReader(resp.Body, probeMaxJSON+1))
+	s.buf = body
 	resp.Body.Close()
 	if err == nil && len(body) > probeMaxJSON {
 		err = fmt.Errorf("answer larger than %d bytes", probeMaxJSON)
@@ -301,6 +324,23 @@ func (s *probeSession) get(path string) (body []byte, status int, err error) {
 		s.close()
 	}
 	return body, resp.StatusCode, err
+}
+
+// readInto appends all of r to buf, growing it only when it is too short.
+func readInto(buf []byte, r io.Reader) ([]byte, error) {
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
 }
 
 func (s *probeSession) close() {
@@ -329,7 +369,7 @@ func (n *Nodes) probeKept(ctx context.Context, t probeTarget, sess **probeSessio
 	dial := dialHost(t, n.dialer)
 	res, answered := runProbe(ctx, t, n.cfg.Timeout, dial, n.cfg.NowFunc)
 	if res.ComfyOK {
-		*sess = newProbeSession(t, dial)
+		*sess = newProbeSession(t, dial, res)
 	}
 	return res, answered
 }

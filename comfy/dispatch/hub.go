@@ -429,11 +429,13 @@ func (sub *subscriber) push(ev schema.Event, limit int) {
 		default: // the reader is behind: queue it
 		}
 	}
-	if ev.Type == schema.EventQueued {
-		// A newer position replaces one not yet delivered.
+	if supersedes(ev) {
+		// A newer position, progress of the same node or preview replaces
+		// one not yet delivered: a reader that fell behind gets the latest
+		// state, not a backlog of stale ones.
 		kept := sub.queue[:0]
 		for _, q := range sub.queue {
-			if q.Type != schema.EventQueued {
+			if !sameKind(q, ev) {
 				kept = append(kept, q)
 			}
 		}
@@ -464,6 +466,21 @@ func (sub *subscriber) push(ev schema.Event, limit int) {
 		sub.forwarding = true
 		go sub.forward()
 	}
+}
+
+// supersedes reports whether ev makes waiting events of its kind stale.
+func supersedes(ev schema.Event) bool {
+	switch ev.Type {
+	case schema.EventQueued, schema.EventProgress, schema.EventPreview:
+		return true
+	}
+	return false
+}
+
+// sameKind reports whether q is an older event of ev's kind: a position, the
+// progress of the same node, a preview.
+func sameKind(q, ev schema.Event) bool {
+	return q.Type == ev.Type && (ev.Type != schema.EventProgress || q.NodeID == ev.NodeID)
 }
 
 // start makes the subscriber's channel and lets events flow to it; cancel

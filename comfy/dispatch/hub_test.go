@@ -268,3 +268,56 @@ func TestHubRingKeepsOnlyTheLatestPosition(t *testing.T) {
 		t.Fatalf("resumed with %+v", ev)
 	}
 }
+
+// A reader that fell behind gets the latest progress of each node, after
+// the events before it, not a backlog of stale values; nothing but stale
+// progress is left out.
+func TestHubSlowSubscriberGetsLatestProgress(t *testing.T) {
+	h := NewHub()
+	ch, cancel, err := h.Subscribe("j", 0, false, snap(schema.JobRunning))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	progress := func(node string, v float64) {
+		h.Publish("j", schema.Event{Type: schema.EventProgress, NodeID: node, Value: &v})
+	}
+	for i := 1; i <= 20; i++ {
+		progress("3", float64(i))
+	}
+	h.Publish("j", schema.Event{Type: schema.EventExecuted, NodeID: "9"})
+	for i := 21; i <= 40; i++ {
+		progress("3", float64(i))
+		progress("5", float64(i))
+	}
+	h.Publish("j", schema.Event{Type: schema.EventSucceeded})
+	var got []schema.Event
+	for ev := range ch {
+		got = append(got, ev)
+	}
+	// In publication order (what reached the reader's small buffer before
+	// it read went as it was), ending with each node's latest value.
+	n := len(got)
+	if n < 4 || got[0].Type != schema.EventSnapshot || got[n-1].Type != schema.EventSucceeded || n > 12 {
+		t.Fatalf("%d events: %+v", n, got)
+	}
+	last := map[string]float64{}
+	executed := false
+	for _, ev := range got[1 : n-1] {
+		switch ev.Type {
+		case schema.EventExecuted:
+			executed = true
+		case schema.EventProgress:
+			v := *ev.Value
+			if v <= last[ev.NodeID] || (executed && v <= 20) || (!executed && v > 20) {
+				t.Fatalf("progress %s=%v out of order: %+v", ev.NodeID, v, got)
+			}
+			last[ev.NodeID] = v
+		default:
+			t.Fatalf("unexpected %s", ev.Type)
+		}
+	}
+	if !executed || last["3"] != 40 || last["5"] != 40 {
+		t.Fatalf("executed %v, last values %v", executed, last)
+	}
+}

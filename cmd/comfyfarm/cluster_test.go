@@ -41,23 +41,39 @@ type clusterEnv struct {
 }
 
 type replicaProc struct {
-	name   string
-	addr   string
+	name string
+	addr string
+	logs *syncBuffer
+	// run is the current process: replaced by start while the test's
+	// clients look at it from their goroutines.
+	run atomic.Pointer[procRun]
+}
+
+type procRun struct {
 	cmd    *exec.Cmd
-	logs   *syncBuffer
 	exited chan struct{}
 }
 
 func (r *replicaProc) base() string { return "http://" + r.addr }
 
 func (r *replicaProc) alive() bool {
+	p := r.run.Load()
+	if p == nil {
+		return false
+	}
 	select {
-	case <-r.exited:
+	case <-p.exited:
 		return false
 	default:
-		return r.cmd != nil
+		return true
 	}
 }
+
+// signal sends sig to the current process.
+func (r *replicaProc) signal(sig os.Signal) error { return r.run.Load().cmd.Process.Signal(sig) }
+
+// exited is closed when the current process has ended.
+func (r *replicaProc) exited() <-chan struct{} { return r.run.Load().exited }
 
 // newClusterEnv starts n replicas on nodes fake nodes.
 func newClusterEnv(t *testing.T, n, nodes int, nodeOpts comfytest.Options) *clusterEnv {
@@ -100,8 +116,8 @@ limits: {rate_per_minute: 0, submit_per_minute: 0}
 	t.Cleanup(func() {
 		for _, r := range c.replicas {
 			if r.alive() {
-				_ = r.cmd.Process.Kill()
-				<-r.exited
+				_ = r.signal(syscall.SIGKILL)
+				<-r.exited()
 			}
 		}
 		if t.Failed() {
@@ -136,8 +152,9 @@ func (c *clusterEnv) start(i int) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	r.cmd, r.exited = cmd, make(chan struct{})
-	go func(exited chan struct{}) { _ = cmd.Wait(); close(exited) }(r.exited)
+	p := &procRun{cmd: cmd, exited: make(chan struct{})}
+	r.run.Store(p)
+	go func() { _ = cmd.Wait(); close(p.exited) }()
 }
 
 func (c *clusterEnv) waitReady(i int) {
@@ -366,8 +383,8 @@ func TestClusterLeaderKilled(t *testing.T) {
 	for n := range jobs {
 		if n == jobs/3 {
 			killedAt = time.Now()
-			_ = c.replicas[first].cmd.Process.Signal(syscall.SIGKILL)
-			<-c.replicas[first].exited
+			_ = c.replicas[first].signal(syscall.SIGKILL)
+			<-c.replicas[first].exited()
 		}
 		on := n % 3
 		if !c.replicas[on].alive() {
@@ -441,9 +458,9 @@ func TestClusterRollingRestart(t *testing.T) {
 	for i := range c.replicas {
 		time.Sleep(500 * time.Millisecond)
 		r := c.replicas[i]
-		_ = r.cmd.Process.Signal(syscall.SIGTERM)
+		_ = r.signal(syscall.SIGTERM)
 		select {
-		case <-r.exited:
+		case <-r.exited():
 		case <-time.After(30 * time.Second):
 			t.Fatalf("%s did not stop", r.name)
 		}
@@ -495,7 +512,7 @@ func TestClusterStoppedLeaderIsFenced(t *testing.T) {
 		}
 	}
 	stopped := c.replicas[first]
-	if err := stopped.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := stopped.signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(4 * clusterLease)
@@ -509,7 +526,7 @@ func TestClusterStoppedLeaderIsFenced(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	time.Sleep(clusterLease / 2) // the new leader adopts and runs jobs meanwhile
-	if err := stopped.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := stopped.signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

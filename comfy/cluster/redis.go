@@ -122,6 +122,22 @@ func Open(ctx context.Context, url string, o Options) (*Redis, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster.redis_url: %w", err)
 	}
+	// Redis is near the replicas and its calls are short: an unreachable
+	// Redis is found out in a second or two, not in go-redis's defaults of
+	// 5 s per dial and three retries (an API call waiting on a notice or a
+	// stream read would wait that long). The URL's own settings win.
+	if opt.DialTimeout == 0 {
+		opt.DialTimeout = 2 * time.Second
+	}
+	if opt.ReadTimeout == 0 {
+		opt.ReadTimeout = 2 * time.Second
+	}
+	if opt.WriteTimeout == 0 {
+		opt.WriteTimeout = 2 * time.Second
+	}
+	if opt.MaxRetries == 0 {
+		opt.MaxRetries = 1
+	}
 	return New(ctx, redis.NewClient(opt), o)
 }
 

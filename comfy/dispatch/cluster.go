@@ -357,17 +357,26 @@ func (f *Farm) onNotice(n cluster.Notice) {
 	}
 }
 
-// notify tells every replica; a notice that cannot be sent is made up for
-// by the leader's periodic look at the database.
+// notify tells every replica, without keeping the caller (an API request)
+// waiting on Redis: a notice that cannot be sent is made up for by the
+// leader's periodic look at the database and the replicas' at the nodes.
 func (f *Farm) notify(ctx context.Context, n cluster.Notice) {
 	if !f.clustered() {
 		return
 	}
 	n.From = f.cfg.InstanceID
-	if err := f.cfg.Bus.Notify(context.WithoutCancel(ctx), n); err != nil {
-		f.log.Warn("notify replicas", "kind", n.Kind, "err", err)
-	}
+	go func() {
+		nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), busCallTimeout)
+		defer cancel()
+		if err := f.cfg.Bus.Notify(nctx, n); err != nil {
+			f.log.Warn("notify replicas", "kind", n.Kind, "err", err)
+		}
+	}()
 }
+
+// busCallTimeout bounds one call to the bus made on behalf of an API
+// request or the scheduler: while Redis is away they go on without it.
+const busCallTimeout = 2 * time.Second
 
 // takeQueued puts a job another replica queued into the scheduler.
 func (f *Farm) takeQueued(ctx context.Context, id string) {
@@ -431,18 +440,26 @@ func (f *Farm) nodesChanged(ctx context.Context) {
 // refresh: a few publications.
 func (f *Farm) nodeViewsTTL() time.Duration { return 3 * f.cfg.ReconcileEvery }
 
-// publishNodes shares the leader's node views with the other replicas.
+// publishNodes shares the leader's node views with the other replicas, off
+// the scheduler's goroutine (one at a time: a slow Redis never holds the
+// scheduler, and views skipped meanwhile are sent by the next call).
 func (f *Farm) publishNodes(ctx context.Context) {
-	if !f.clustered() {
+	if !f.clustered() || !f.sharing.CompareAndSwap(false, true) {
 		return
 	}
 	b, err := json.Marshal(f.nodes.List())
 	if err != nil {
+		f.sharing.Store(false)
 		return
 	}
-	if err := f.cfg.Bus.PutNodes(ctx, b, f.nodeViewsTTL()); err != nil && ctx.Err() == nil {
-		f.log.Warn("share node views", "err", err)
-	}
+	go func() {
+		defer f.sharing.Store(false)
+		pctx, cancel := context.WithTimeout(ctx, busCallTimeout)
+		defer cancel()
+		if err := f.cfg.Bus.PutNodes(pctx, b, f.nodeViewsTTL()); err != nil && ctx.Err() == nil {
+			f.log.Warn("share node views", "err", err)
+		}
+	}()
 }
 
 // nodeViews is the node list as this replica answers it: the leader's own;
@@ -453,7 +470,9 @@ func (f *Farm) nodeViews(ctx context.Context) []schema.NodeView {
 	if !f.clustered() || f.leading() {
 		return local
 	}
-	b, err := f.cfg.Bus.Nodes(ctx)
+	bctx, cancel := context.WithTimeout(ctx, busCallTimeout)
+	b, err := f.cfg.Bus.Nodes(bctx)
+	cancel()
 	if err != nil || b == nil {
 		return local
 	}

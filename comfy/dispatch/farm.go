@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -148,6 +149,7 @@ type Farm struct {
 	runCtx    context.Context // Run's: bounds work that outlives a term
 	bg        sync.WaitGroup  // work that outlives a term (cluster mode)
 	leaseHook func() bool     // tests: false holds the lease keeper (a paused process)
+	sharing   atomic.Bool     // node views being sent to the bus
 	sig       *testSignals    // tests: background rounds told
 	frontends Frontends
 	storage   oss.Store

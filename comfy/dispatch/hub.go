@@ -3,6 +3,7 @@ package dispatch
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -23,7 +24,8 @@ type Hub struct {
 	// bus, when set (several replicas), numbers and carries every event:
 	// Publish hands events to it, and they come back to every replica's hub
 	// through Deliver. Only jobs followed here have a stream here.
-	bus EventBus
+	bus          EventBus
+	busDownUntil atomic.Int64 // unix ns: until then the bus is not read (a read failed)
 
 	// RingSize is how many recent events a job keeps for resumption.
 	RingSize int
@@ -167,8 +169,14 @@ func (h *Hub) appendLocked(s *jobStream, ev schema.Event) {
 	}
 }
 
-// busTimeout bounds one read of a job's kept events from the bus.
-const busTimeout = 5 * time.Second
+// busTimeout bounds one read of a job's kept events from the bus; after a
+// read that failed, reads are skipped for busBackoff (Redis is away: views
+// and new subscribers go on without the bus's history, instead of each
+// waiting on it).
+const (
+	busTimeout = 2 * time.Second
+	busBackoff = 5 * time.Second
+)
 
 // Deliver takes an event numbered by the bus to this replica's subscribers
 // of its job, in order: an event already seen is dropped, and a gap (events
@@ -194,7 +202,7 @@ func (h *Hub) Deliver(ev schema.Event) {
 	}
 	after := s.seq
 	h.mu.Unlock()
-	h.fill(ev.JobID, after)
+	h.fill(ev.JobID, after, true)
 	h.mu.Lock()
 	if s := h.streams[ev.JobID]; s != nil && !s.terminal && ev.Seq > s.seq {
 		h.appendLocked(s, ev)
@@ -203,16 +211,24 @@ func (h *Hub) Deliver(ev schema.Event) {
 }
 
 // fill reads a job's events after seq from the bus and delivers those not
-// seen yet. Events older than the stream's first known one are kept for
+// seen yet. sure says the bus was just heard from (an event came, the
+// subscription came back): it is read even within busBackoff of a failure. Events older than the stream's first known one are kept for
 // resumption only: the stream's subscribers came later.
-func (h *Hub) fill(jobID string, after int64) {
+func (h *Hub) fill(jobID string, after int64, sure bool) {
 	if h.bus == nil {
+		return
+	}
+	if !sure && time.Now().UnixNano() < h.busDownUntil.Load() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
 	defer cancel()
 	evs, err := h.bus.EventsAfter(ctx, jobID, after)
-	if err != nil || len(evs) == 0 {
+	if err != nil {
+		h.busDownUntil.Store(time.Now().Add(busBackoff).UnixNano())
+		return
+	}
+	if len(evs) == 0 {
 		return
 	}
 	h.mu.Lock()
@@ -256,7 +272,7 @@ func (h *Hub) Resync() {
 	}
 	h.mu.Unlock()
 	for _, w := range ws {
-		h.fill(w.id, w.after)
+		h.fill(w.id, w.after, true)
 	}
 }
 
@@ -270,7 +286,7 @@ func (h *Hub) follow(jobID string) {
 	}
 	h.mu.Unlock()
 	if !ok {
-		h.fill(jobID, 0)
+		h.fill(jobID, 0, false)
 	}
 }
 

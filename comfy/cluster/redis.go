@@ -11,6 +11,7 @@
 //	seq:{job}  the job's last sequence number
 //	end:{job}  set once a terminal event was added: nothing follows it
 //	nodes      the leader's node views (JSON), expiring after a few probe intervals
+//	cat:{node} the node's catalogue as the leader read it (classes, choices)
 //	events     pub/sub channel: every event as added
 //	notices    pub/sub channel: notices
 package cluster
@@ -361,6 +362,21 @@ func (r *Redis) Notify(ctx context.Context, n Notice) error {
 // PutNodes stores the leader's node views for ttl.
 func (r *Redis) PutNodes(ctx context.Context, views []byte, ttl time.Duration) error {
 	return r.c.Set(ctx, r.o.Prefix+"nodes", views, ttl).Err()
+}
+
+// PutCatalogue stores what the leader read of a node's /object_info (its
+// catalogue, encoded by the caller), for replicas that check submits.
+func (r *Redis) PutCatalogue(ctx context.Context, node string, b []byte) error {
+	return r.c.Set(ctx, r.key("cat", node), b, r.o.TTL).Err()
+}
+
+// Catalogue reads a node's catalogue; nil when none is there.
+func (r *Redis) Catalogue(ctx context.Context, node string) ([]byte, error) {
+	b, err := r.c.Get(ctx, r.key("cat", node)).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	return b, err
 }
 
 // Nodes reads the leader's node views; nil when none are there.

@@ -3,6 +3,7 @@ package dispatch
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/json"
 	"slices"
 	"strings"
 	"sync"
@@ -157,6 +158,61 @@ func (cc *catalogueCache) build(info map[string]comfy.ClassInfo, live []*catalog
 	cc.cats[key] = c
 	cc.pruneLocked(append(live, c))
 	return c
+}
+
+// catalogueJSON is a catalogue as the leader shares it with the replicas
+// that do not read the nodes themselves.
+type catalogueJSON struct {
+	Classes     map[string]bool                `json:"classes"` // class -> output node
+	Choices     map[string]map[string][]string `json:"choices"`
+	Checkpoints int                            `json:"checkpoints"`
+	Loras       int                            `json:"loras"`
+	Packs       int                            `json:"packs"`
+}
+
+// encode writes c for the other replicas.
+func (c *catalogue) encode() ([]byte, error) {
+	j := catalogueJSON{Classes: c.classes, Choices: make(map[string]map[string][]string, len(c.choices)),
+		Checkpoints: c.checkpoints, Loras: c.loras, Packs: c.packs}
+	for class, inputs := range c.choices {
+		m := make(map[string][]string, len(inputs))
+		for input, set := range inputs {
+			m[input] = set.sorted
+		}
+		j.Choices[class] = m
+	}
+	return json.Marshal(j)
+}
+
+// decode reads a catalogue another replica encoded, sharing what it can
+// as build does.
+func (cc *catalogueCache) decode(b []byte, live []*catalogue) (*catalogue, error) {
+	key := sha256.Sum256(b)
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if c := cc.cats[key]; c != nil {
+		cc.pruneLocked(append(live, c))
+		return c, nil
+	}
+	var j catalogueJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return nil, err
+	}
+	c := &catalogue{key: key, classes: j.Classes, choices: make(map[string]map[string]*choiceSet, len(j.Choices)),
+		checkpoints: j.Checkpoints, loras: j.Loras, packs: j.Packs}
+	if c.classes == nil {
+		c.classes = map[string]bool{}
+	}
+	for class, inputs := range j.Choices {
+		m := make(map[string]*choiceSet, len(inputs))
+		for input, values := range inputs {
+			m[input] = cc.setLocked(values)
+		}
+		c.choices[class] = m
+	}
+	cc.cats[key] = c
+	cc.pruneLocked(append(live, c))
+	return c, nil
 }
 
 // setLocked returns the shared set of these values.

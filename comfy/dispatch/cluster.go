@@ -2,6 +2,7 @@ package dispatch
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/comfyfarm/comfyfarm/comfy"
 	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -22,6 +24,8 @@ type Bus interface {
 	Run(ctx context.Context, h cluster.Handlers, ready chan<- struct{}) error
 	PutNodes(ctx context.Context, views []byte, ttl time.Duration) error
 	Nodes(ctx context.Context) ([]byte, error)
+	PutCatalogue(ctx context.Context, node string, b []byte) error
+	Catalogue(ctx context.Context, node string) ([]byte, error)
 	Ping(ctx context.Context) error
 }
 
@@ -227,6 +231,7 @@ func (f *Farm) lead(ctx context.Context, l dbcontrollers.Leadership) {
 	keeper.Wait()
 
 	f.fenced.epoch.Store(noTerm)
+	f.resetTerm() // the term's runners are stopped: followers hold passive ones
 	f.cl.mu.Lock()
 	f.cl.role, f.cl.epoch = RoleFollower, 0
 	if f.cl.leader == f.cfg.InstanceID {
@@ -489,11 +494,16 @@ func (f *Farm) nodeViews(ctx context.Context) []schema.NodeView {
 }
 
 // followLoop keeps a replica's own view current whatever its role: node
-// registrations read again, idle streams forgotten.
+// registrations read again, idle streams forgotten; on a follower, the
+// leader's node views and catalogues, so that its submits are checked
+// against the nodes as the leader's are.
 func (f *Farm) followLoop(ctx context.Context) {
 	t := time.NewTicker(f.cfg.LeaderLease)
 	defer t.Stop()
 	for {
+		if !f.leading() {
+			f.followCatalogues(ctx)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -504,6 +514,118 @@ func (f *Farm) followLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// shareCatalogue gives the other replicas what the leader read of a node.
+func (f *Farm) shareCatalogue(node string, c *catalogue) {
+	if !f.clustered() || !f.leading() || c == nil {
+		return
+	}
+	b, err := c.encode()
+	if err != nil {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), busCallTimeout)
+		defer cancel()
+		if err := f.cfg.Bus.PutCatalogue(ctx, node, b); err != nil {
+			f.log.Warn("share a node's catalogue", "node", node, "err", err)
+		}
+	}()
+}
+
+// followCatalogues brings a follower's node catalogues and views in line
+// with the leader's. Each registered node gets a passive runner: it holds
+// the node's catalogue (and may read it again from the node, rate-limited,
+// when a submit names a value nobody offers) but never follows the node.
+func (f *Farm) followCatalogues(ctx context.Context) {
+	bctx, cancel := context.WithTimeout(ctx, busCallTimeout)
+	defer cancel()
+	if b, err := f.cfg.Bus.Nodes(bctx); err == nil && b != nil {
+		var views []schema.NodeView
+		if json.Unmarshal(b, &views) == nil {
+			m := make(map[string]schema.NodeView, len(views))
+			for _, v := range views {
+				m[v.Name] = v
+			}
+			f.leaderViews.Store(&m)
+		}
+	}
+	changed := false
+	registered := map[string]bool{}
+	for _, v := range f.nodes.List() {
+		registered[v.Name] = true
+		b, err := f.cfg.Bus.Catalogue(bctx, v.Name)
+		if err != nil || b == nil {
+			continue
+		}
+		r := f.passiveRunner(v.Name)
+		if r == nil {
+			return // this replica leads now
+		}
+		sum := sha256.Sum256(b)
+		r.mu.Lock()
+		same := r.catSum == sum
+		r.mu.Unlock()
+		if same {
+			continue
+		}
+		c, err := f.cats.decode(b, f.liveCatalogues(r))
+		if err != nil {
+			f.log.Warn("read a node's catalogue from the bus", "node", v.Name, "err", err)
+			continue
+		}
+		r.mu.Lock()
+		r.cat, r.catAt, r.catSum = c, f.cfg.NowFunc(), sum
+		r.mu.Unlock()
+		changed = true
+	}
+	f.cl.mu.Lock()
+	if f.cl.role != RoleLeader {
+		f.rmu.Lock()
+		for name := range f.runners {
+			if !registered[name] {
+				delete(f.runners, name)
+				changed = true
+			}
+		}
+		f.rmu.Unlock()
+	}
+	f.cl.mu.Unlock()
+	if changed {
+		f.placementChanged()
+	}
+}
+
+// passiveRunner returns a follower's runner of a node, making it when
+// there is none; nil when this replica leads (its runners are its own).
+func (f *Farm) passiveRunner(name string) *runner {
+	f.cl.mu.Lock()
+	defer f.cl.mu.Unlock()
+	if f.cl.role == RoleLeader {
+		return nil
+	}
+	f.rmu.Lock()
+	defer f.rmu.Unlock()
+	if r := f.runners[name]; r != nil {
+		return r
+	}
+	n, ok := f.nodes.Node(name)
+	if !ok {
+		return nil
+	}
+	client, err := comfy.NewClient(n.URL, comfy.WithClientID(f.clientID(name)))
+	if err != nil {
+		return nil
+	}
+	done := make(chan struct{})
+	close(done)
+	r := &runner{
+		farm: f, name: name, client: client, stop: func() {}, done: done, log: f.log.With("node", name),
+		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
+	}
+	f.runners[name] = r
+	return r
 }
 
 // ErrNotLeader is returned for work only the leader can do.

@@ -2,11 +2,15 @@ package dispatch
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -284,5 +288,54 @@ func TestClusterRedisRestart(t *testing.T) {
 	}
 	if st := node.Stats(); st.Executed != jobs {
 		t.Errorf("the node ran %d prompts for %d jobs", st.Executed, jobs)
+	}
+}
+
+// A follower checks a submit against the nodes as the leader does, from the
+// catalogues the leader shares: a class or a model no node has is refused
+// at once (schema.NoNodeError, a 422), what a node offers is accepted and
+// runs.
+func TestClusterFollowerChecksSubmits(t *testing.T) {
+	dbcfg := dbtest.MySQL(t)
+	redisURL, prefix := redistest.URL(t)
+	ctx := context.Background()
+	reg, err := dbcontrollers.NewRegistry(ctx, dbcfg, []dbcontrollers.FrontendConfig{{Name: "style", Controller: "style", InitialCredits: 5, CostPerJob: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	local, err := oss.NewLocal(oss.LocalConfig{Dir: t.TempDir(), BaseURL: "http://127.0.0.1:1/files/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := comfytest.NewServer(sdOptions())
+	t.Cleanup(node.Close)
+	a := startReplicaFarm(t, "a", dbcfg, redisURL, prefix, reg, local, node)
+	eventually(t, 10*time.Second, "a leads", func() bool { return a.farm.leading() })
+	b := startReplicaFarm(t, "b", dbcfg, redisURL, prefix, reg, local, node)
+	eventually(t, 10*time.Second, "the follower has the leader's catalogue and views", func() bool {
+		cats, _ := b.farm.catalogues()
+		return len(cats) == 1 && b.farm.leaderViews.Load() != nil
+	})
+	var nne *schema.NoNodeError
+	_, err = b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u",
+		Workflow: json.RawMessage(`{"1": {"class_type": "NoSuchNode", "inputs": {}}, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}`)})
+	if !errors.As(err, &nne) || !slices.Contains(nne.Classes, "NoSuchNode") {
+		t.Fatalf("unknown class on the follower: %v", err)
+	}
+	_, err = b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u", Workflow: sdGraph("no-such-model.safetensors", 1, 1)})
+	if !errors.As(err, &nne) || !strings.Contains(err.Error(), "no-such-model.safetensors") {
+		t.Fatalf("unknown model on the follower: %v", err)
+	}
+	j, err := b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u", Workflow: sdGraph(ckptXL, 1, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "the job succeeded", func() bool {
+		cur, err := b.farm.db.JobGet(ctx, j.ID)
+		return err == nil && cur.State == schema.JobSucceeded
+	})
+	if views, _ := b.farm.Nodes(ctx); len(views) != 1 || views[0].State != schema.NodeUp || views[0].Checkpoints == 0 {
+		t.Fatalf("the follower's node view: %+v", views)
 	}
 }

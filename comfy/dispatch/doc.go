@@ -169,5 +169,7 @@
 // node registrations changed anywhere, are announced by notices; the leader
 // also looks for queued jobs it does not hold every ReconcileEvery, in case
 // a notice was lost. Followers answer positions and progress from the
-// leader's published events and node views from the leader's shared views.
+// leader's published events and node views from the leader's shared views;
+// they check submits against the catalogues the leader shares (each node's
+// held by a passive runner, which never follows the node).
 package dispatch

@@ -150,15 +150,18 @@ type Farm struct {
 	bg        sync.WaitGroup  // work that outlives a term (cluster mode)
 	leaseHook func() bool     // tests: false holds the lease keeper (a paused process)
 	sharing   atomic.Bool     // node views being sent to the bus
-	sig       *testSignals    // tests: background rounds told
-	frontends Frontends
-	storage   oss.Store
-	nodes     *Nodes
-	hub       *Hub
-	metrics   *farmMetrics
-	log       *slog.Logger
-	tally     nodeTally // jobs finished per node, for node views
-	cats      *catalogueCache
+	// leaderViews: on a follower, the leader's node views by name, as last
+	// read from the bus (placement checks of submits use its node states).
+	leaderViews atomic.Pointer[map[string]schema.NodeView]
+	sig         *testSignals // tests: background rounds told
+	frontends   Frontends
+	storage     oss.Store
+	nodes       *Nodes
+	hub         *Hub
+	metrics     *farmMetrics
+	log         *slog.Logger
+	tally       nodeTally // jobs finished per node, for node views
+	cats        *catalogueCache
 
 	emu     sync.Mutex // guards enums
 	enums   *enumIndex

@@ -38,6 +38,11 @@ func (f *Farm) facts() []nodeFacts {
 			continue
 		}
 		view, _ := f.nodes.Get(name)
+		if lv := f.leaderViews.Load(); lv != nil && f.clustered() && !f.leading() {
+			if v, ok := (*lv)[name]; ok {
+				view = v
+			}
+		}
 		nf := nodeFacts{name: name, r: r, tags: n.Tags, limit: max(n.MaxInflight, 1),
 			up: view.State == schema.NodeUp && !n.Drain}
 		var total int64

@@ -49,6 +49,7 @@ type runner struct {
 	seq         uint64
 	connected   bool      // the event stream is open
 	busy        busyClock // when a prompt of ours ran, for the busy ratio
+	catSum      [32]byte  // a follower's: the hash of the catalogue read from the bus
 	streamEpoch uint64    // counts event stream connects and drops
 }
 
@@ -215,6 +216,7 @@ func (r *runner) learn(ctx context.Context) bool {
 	r.features, r.cat, r.catAt = feats, cat, r.farm.cfg.NowFunc()
 	r.mu.Unlock()
 	r.farm.placementChanged()
+	r.farm.shareCatalogue(r.name, cat)
 	return true
 }
 

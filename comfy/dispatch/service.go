@@ -211,10 +211,10 @@ func (f *Farm) isOutputClass(class string) bool {
 	if comfy.DefaultOutputClasses[class] {
 		return true
 	}
-	if f.clustered() && !f.leading() {
-		// Catalogues are read by the leader only: a class this replica
-		// cannot look up may be a custom output node. The node's own
-		// validation refuses a workflow that has none.
+	if cats, _ := f.catalogues(); len(cats) == 0 && f.clustered() && !f.leading() {
+		// No catalogue from the leader yet: a class this replica cannot
+		// look up may be a custom output node. The node's own validation
+		// refuses a workflow that has none.
 		return true
 	}
 	for _, r := range f.runnerList() {
@@ -382,7 +382,7 @@ func (f *Farm) view(ctx context.Context, j *schema.Job) *schema.Job {
 			}
 		}
 	case schema.JobDispatched, schema.JobRunning:
-		if f.clustered() && f.runner(v.Node) == nil {
+		if f.clustered() && !f.leading() {
 			if _, pr := f.hub.Latest(v.ID); pr != nil && pr.Value != nil && pr.Max != nil {
 				p := schema.NewProgress(pr.NodeID, *pr.Value, *pr.Max)
 				v.Progress = &p

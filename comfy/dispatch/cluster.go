@@ -498,22 +498,53 @@ func (f *Farm) nodeViews(ctx context.Context) []schema.NodeView {
 // leader's node views and catalogues, so that its submits are checked
 // against the nodes as the leader's are.
 func (f *Farm) followLoop(ctx context.Context) {
-	t := time.NewTicker(f.cfg.LeaderLease)
+	// The leader's node views are read as often as it shares them; the
+	// rest (catalogues, registrations, idle streams) once a lease.
+	t := time.NewTicker(min(f.cfg.ReconcileEvery, f.cfg.LeaderLease))
 	defer t.Stop()
+	var slow time.Time
 	for {
 		if !f.leading() {
-			f.followCatalogues(ctx)
+			f.followViews(ctx)
+			if time.Since(slow) >= f.cfg.LeaderLease {
+				f.followCatalogues(ctx)
+			}
+		}
+		if time.Since(slow) >= f.cfg.LeaderLease {
+			if !slow.IsZero() {
+				f.hub.GC()
+				if !f.leading() {
+					f.nodesChanged(ctx)
+				}
+			}
+			slow = time.Now()
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			f.hub.GC()
-			if !f.leading() {
-				f.nodesChanged(ctx)
-			}
 		}
 	}
+}
+
+// followViews reads the leader's node views, for a follower's placement
+// checks.
+func (f *Farm) followViews(ctx context.Context) {
+	bctx, cancel := context.WithTimeout(ctx, busCallTimeout)
+	defer cancel()
+	b, err := f.cfg.Bus.Nodes(bctx)
+	if err != nil || b == nil {
+		return
+	}
+	var views []schema.NodeView
+	if json.Unmarshal(b, &views) != nil {
+		return
+	}
+	m := make(map[string]schema.NodeView, len(views))
+	for _, v := range views {
+		m[v.Name] = v
+	}
+	f.leaderViews.Store(&m)
 }
 
 // shareCatalogue gives the other replicas what the leader read of a node.
@@ -534,23 +565,13 @@ func (f *Farm) shareCatalogue(node string, c *catalogue) {
 	}()
 }
 
-// followCatalogues brings a follower's node catalogues and views in line
-// with the leader's. Each registered node gets a passive runner: it holds
+// followCatalogues brings a follower's node catalogues in line with the
+// leader's. Each registered node gets a passive runner: it holds
 // the node's catalogue (and may read it again from the node, rate-limited,
 // when a submit names a value nobody offers) but never follows the node.
 func (f *Farm) followCatalogues(ctx context.Context) {
 	bctx, cancel := context.WithTimeout(ctx, busCallTimeout)
 	defer cancel()
-	if b, err := f.cfg.Bus.Nodes(bctx); err == nil && b != nil {
-		var views []schema.NodeView
-		if json.Unmarshal(b, &views) == nil {
-			m := make(map[string]schema.NodeView, len(views))
-			for _, v := range views {
-				m[v.Name] = v
-			}
-			f.leaderViews.Store(&m)
-		}
-	}
 	changed := false
 	registered := map[string]bool{}
 	for _, v := range f.nodes.List() {

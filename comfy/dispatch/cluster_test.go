@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
+
 	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
@@ -315,7 +317,8 @@ func TestClusterFollowerChecksSubmits(t *testing.T) {
 	b := startReplicaFarm(t, "b", dbcfg, redisURL, prefix, reg, local, node)
 	eventually(t, 10*time.Second, "the follower has the leader's catalogue and views", func() bool {
 		cats, _ := b.farm.catalogues()
-		return len(cats) == 1 && b.farm.leaderViews.Load() != nil
+		lv := b.farm.leaderViews.Load()
+		return len(cats) == 1 && lv != nil && (*lv)["n1"].State == schema.NodeUp
 	})
 	var nne *schema.NoNodeError
 	_, err = b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u",
@@ -337,5 +340,69 @@ func TestClusterFollowerChecksSubmits(t *testing.T) {
 	})
 	if views, _ := b.farm.Nodes(ctx); len(views) != 1 || views[0].State != schema.NodeUp || views[0].Checkpoints == 0 {
 		t.Fatalf("the follower's node view: %+v", views)
+	}
+}
+
+// The control database goes away for several leases while two replicas run
+// jobs: the leader cannot renew and steps down, nobody leads while it is
+// away, then a replica takes the lease again, adopts the jobs, and each
+// ends once: every prompt ran once on the node, every job has its photo.
+func TestClusterDatabaseOutage(t *testing.T) {
+	dbcfg := dbtest.MySQL(t)
+	mc, err := mysql.ParseDSN(dbcfg.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := startDBProxy(t, mc.Addr)
+	mc.Addr = proxy.ln.Addr().String()
+	mc.Timeout = 2 * time.Second
+	dbcfg.DSN = mc.FormatDSN()
+	dbcfg.Logger = testLogger()
+	redisURL, prefix := redistest.URL(t)
+	ctx := context.Background()
+	reg, err := dbcontrollers.NewRegistry(ctx, dbcfg, []dbcontrollers.FrontendConfig{{Name: "style", Controller: "style", InitialCredits: 100, CostPerJob: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	local, err := oss.NewLocal(oss.LocalConfig{Dir: t.TempDir(), BaseURL: "http://127.0.0.1:1/files/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := comfytest.NewServer(comfytest.Options{ClassTime: map[string]time.Duration{"KSampler": 150 * time.Millisecond}})
+	t.Cleanup(node.Close)
+	a := startReplicaFarm(t, "a", dbcfg, redisURL, prefix, reg, local, node)
+	eventually(t, 10*time.Second, "a leads", func() bool { return a.farm.leading() })
+	b := startReplicaFarm(t, "b", dbcfg, redisURL, prefix, reg, local, node)
+	eventually(t, 10*time.Second, "b follows", func() bool { _, l := b.farm.Role(); return l == "a" })
+
+	const jobs = 12
+	var ids []string
+	for i := range jobs {
+		j, err := b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u", Workflow: sdGraph(ckptXL, 2, i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.ID)
+	}
+	eventually(t, 30*time.Second, "a few jobs done", func() bool { return node.Stats().Executed >= 3 })
+	proxy.cut()
+	eventually(t, 10*time.Second, "nobody leads while the database is away", func() bool { return !a.farm.leading() && !b.farm.leading() })
+	time.Sleep(2 * time.Second) // jobs on the node end meanwhile; nothing can be written
+	proxy.restore()
+	eventually(t, 30*time.Second, "a replica leads again", func() bool { return a.farm.leading() || b.farm.leading() })
+	for _, id := range ids {
+		eventually(t, 60*time.Second, "job "+id+" succeeded", func() bool {
+			j, err := b.farm.db.JobGet(ctx, id)
+			return err == nil && j.State == schema.JobSucceeded
+		})
+	}
+	if st := node.Stats(); st.Executed != jobs {
+		t.Errorf("the node ran %d prompts for %d jobs", st.Executed, jobs)
+	}
+	ctrl, _ := reg.Get("style")
+	_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "u", Page: 1, Limit: 50})
+	if err != nil || total != jobs {
+		t.Errorf("photos: %d, %v; want %d", total, err, jobs)
 	}
 }

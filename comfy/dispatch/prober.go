@@ -262,7 +262,10 @@ func (s *probeSession) probe(ctx context.Context, t probeTarget, timeout time.Du
 	if s.conn.SetDeadline(deadline) != nil {
 		return res, false
 	}
-	stop := context.AfterFunc(ctx, func() { _ = s.conn.SetDeadline(time.Unix(1, 0)) })
+	// The connection as it is now: a failed request closes the session
+	// (s.conn becomes nil) while this may still run at the deadline.
+	conn := s.conn
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	s.asked++
 	if s.asked%statsEvery == 0 {

@@ -30,6 +30,9 @@ type Leadership struct {
 	Held      bool      // held by the caller, at Epoch
 }
 
+// leaderSelect reads a lease row by name.
+const leaderSelect = "SELECT holder, epoch, expires_ms FROM leader_lease WHERE name = ?"
+
 // leaderRow is a leader_lease row.
 type leaderRow struct {
 	Holder    string `db:"holder"`
@@ -73,7 +76,7 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 			lock = " FOR UPDATE"
 		}
 		var row leaderRow
-		err = tx.GetContext(ctx, &row, "SELECT holder, epoch, expires_ms FROM leader_lease WHERE name = ?"+lock, name)
+		err = tx.GetContext(ctx, &row, leaderSelect+lock, name)
 		switch {
 		case errors.Is(err, sql.ErrNoRows):
 			ins := "INSERT INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, ?, 1, ?)"
@@ -91,7 +94,7 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 				return nil
 			}
 			// Another replica inserted it first: look again.
-			if err := tx.GetContext(ctx, &row, "SELECT holder, epoch, expires_ms FROM leader_lease WHERE name = ?"+lock, name); err != nil {
+			if err := tx.GetContext(ctx, &row, leaderSelect+lock, name); err != nil {
 				return interpretError(err)
 			}
 		case err != nil:
@@ -134,7 +137,7 @@ func (s *Store) LeaderResign(ctx context.Context, name, holder string, epoch int
 // LeaderGet reads the lease name; Holder is "" when nobody ever held it.
 func (s *Store) LeaderGet(ctx context.Context, name string) (Leadership, error) {
 	var row leaderRow
-	err := s.db.GetContext(ctx, &row, "SELECT holder, epoch, expires_ms FROM leader_lease WHERE name = ?", name)
+	err := s.db.GetContext(ctx, &row, leaderSelect, name)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Leadership{}, nil
 	}
@@ -153,9 +156,6 @@ func (s *Store) Fenced(epoch int64) *Store {
 	c.fence = epoch
 	return &c
 }
-
-// Epoch is the epoch the store's writes are fenced by (0: none).
-func (s *Store) Epoch() int64 { return s.fence }
 
 // checkFence fails with ErrFenced when the scheduler's lease has moved on
 // from the store's epoch. On MySQL it reads the lease row with a shared

@@ -232,13 +232,6 @@ const maxBatch = 512
 // (progress, previews) are dropped.
 const maxPending = 10000
 
-// Dropped counts events dropped while Redis was away.
-func (r *Redis) Dropped() int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.dropped
-}
-
 // writeLoop writes queued events until ctx ends.
 func (r *Redis) writeLoop(ctx context.Context) {
 	wait := 50 * time.Millisecond
@@ -271,7 +264,10 @@ func (r *Redis) writeLoop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			r.log.Warn("publish events, retrying", "events", n, "err", err)
+			r.mu.Lock()
+			dropped := r.dropped
+			r.mu.Unlock()
+			r.log.Warn("publish events, retrying", "events", n, "progress_dropped", dropped, "err", err)
 			select {
 			case <-ctx.Done():
 				return

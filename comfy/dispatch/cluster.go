@@ -5,13 +5,10 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
-	"fmt"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/comfyfarm/comfyfarm/comfy"
 	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -33,7 +30,6 @@ type Bus interface {
 type LeaseStore interface {
 	LeaderAcquire(ctx context.Context, name, holder string, ttl time.Duration, epoch int64) (dbcontrollers.Leadership, error)
 	LeaderResign(ctx context.Context, name, holder string, epoch int64) error
-	LeaderGet(ctx context.Context, name string) (dbcontrollers.Leadership, error)
 }
 
 // Fencer gives a view of the job store whose writes apply only under one
@@ -101,12 +97,10 @@ func (s *fencedJobs) JobRescue(ctx context.Context, now time.Time, maxAttempts i
 
 // clusterState is what a replica knows of the lease.
 type clusterState struct {
-	mu       sync.Mutex
-	role     string
-	leader   string // the holder's instance id, "" when unknown
-	epoch    int64  // this replica's term, when it leads
-	termLost chan struct{}
-	wake     chan struct{} // try the lease now (the leader resigned)
+	mu     sync.Mutex
+	role   string
+	leader string        // the holder's instance id, "" when unknown
+	wake   chan struct{} // try the lease now (the leader resigned)
 }
 
 // clustered reports whether the farm is one of several replicas.
@@ -205,8 +199,7 @@ func (f *Farm) lead(ctx context.Context, l dbcontrollers.Leadership) {
 	lost := make(chan struct{})
 	var lostOnce sync.Once
 	f.cl.mu.Lock()
-	f.cl.role, f.cl.leader, f.cl.epoch = RoleLeader, f.cfg.InstanceID, l.Epoch
-	f.cl.termLost = lost
+	f.cl.role, f.cl.leader = RoleLeader, f.cfg.InstanceID
 	f.cl.mu.Unlock()
 	f.fenced.epoch.Store(l.Epoch)
 	onLost := func() { lostOnce.Do(func() { close(lost) }) }
@@ -233,7 +226,7 @@ func (f *Farm) lead(ctx context.Context, l dbcontrollers.Leadership) {
 	f.fenced.epoch.Store(noTerm)
 	f.resetTerm() // the term's runners are stopped: followers hold passive ones
 	f.cl.mu.Lock()
-	f.cl.role, f.cl.epoch = RoleFollower, 0
+	f.cl.role = RoleFollower
 	if f.cl.leader == f.cfg.InstanceID {
 		f.cl.leader = ""
 	}
@@ -468,26 +461,19 @@ func (f *Farm) publishNodes(ctx context.Context) {
 }
 
 // nodeViews is the node list as this replica answers it: the leader's own;
-// on a follower the leader's views for the nodes registered here (a node
-// the leader has not read yet shows as this replica knows it).
-func (f *Farm) nodeViews(ctx context.Context) []schema.NodeView {
+// on a follower the leader's views (as followViews last read them, as often
+// as the leader shares them) for the nodes registered here (a node the
+// leader has not read yet shows as this replica knows it).
+func (f *Farm) nodeViews() []schema.NodeView {
 	local := f.nodes.List()
 	if !f.clustered() || f.leading() {
 		return local
 	}
-	bctx, cancel := context.WithTimeout(ctx, busCallTimeout)
-	b, err := f.cfg.Bus.Nodes(bctx)
-	cancel()
-	if err != nil || b == nil {
-		return local
-	}
-	var theirs []schema.NodeView
-	if err := json.Unmarshal(b, &theirs); err != nil {
-		return local
-	}
-	for i, v := range local {
-		if j := slices.IndexFunc(theirs, func(t schema.NodeView) bool { return t.Name == v.Name }); j >= 0 {
-			local[i] = theirs[j]
+	if theirs := f.leaderViews.Load(); theirs != nil {
+		for i, v := range local {
+			if t, ok := (*theirs)[v.Name]; ok {
+				local[i] = t
+			}
 		}
 	}
 	return local
@@ -500,29 +486,28 @@ func (f *Farm) nodeViews(ctx context.Context) []schema.NodeView {
 func (f *Farm) followLoop(ctx context.Context) {
 	// The leader's node views are read as often as it shares them; the
 	// rest (catalogues, registrations, idle streams) once a lease.
-	t := time.NewTicker(min(f.cfg.ReconcileEvery, f.cfg.LeaderLease))
-	defer t.Stop()
-	var slow time.Time
+	fast := time.NewTicker(min(f.cfg.ReconcileEvery, f.cfg.LeaderLease))
+	defer fast.Stop()
+	slow := time.NewTicker(f.cfg.LeaderLease)
+	defer slow.Stop()
+	if !f.leading() {
+		f.followViews(ctx)
+		f.followCatalogues(ctx)
+	}
 	for {
-		if !f.leading() {
-			f.followViews(ctx)
-			if time.Since(slow) >= f.cfg.LeaderLease {
-				f.followCatalogues(ctx)
-			}
-		}
-		if time.Since(slow) >= f.cfg.LeaderLease {
-			if !slow.IsZero() {
-				f.hub.GC()
-				if !f.leading() {
-					f.nodesChanged(ctx)
-				}
-			}
-			slow = time.Now()
-		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-fast.C:
+			if !f.leading() {
+				f.followViews(ctx)
+			}
+		case <-slow.C:
+			f.hub.GC()
+			if !f.leading() {
+				f.nodesChanged(ctx)
+				f.followCatalogues(ctx)
+			}
 		}
 	}
 }
@@ -635,19 +620,12 @@ func (f *Farm) passiveRunner(name string) *runner {
 	if !ok {
 		return nil
 	}
-	client, err := comfy.NewClient(n.URL, comfy.WithClientID(f.clientID(name)))
+	r, err := f.newRunner(name, n.URL)
 	if err != nil {
 		return nil
 	}
-	done := make(chan struct{})
-	close(done)
-	r := &runner{
-		farm: f, name: name, client: client, stop: func() {}, done: done, log: f.log.With("node", name),
-		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
-	}
+	r.stop, r.done = func() {}, make(chan struct{})
+	close(r.done) // nothing runs to stop
 	f.runners[name] = r
 	return r
 }
-
-// ErrNotLeader is returned for work only the leader can do.
-var ErrNotLeader = fmt.Errorf("%w: this replica does not schedule", schema.ErrConflict)

@@ -303,21 +303,21 @@ func (h *Hub) Latest(jobID string) (queued, progress *schema.Event) {
 	if s == nil {
 		return nil, nil
 	}
+	left := false // a later dispatch: older positions are stale
 	for i := len(s.ring) - 1; i >= 0 && (queued == nil || progress == nil); i-- {
 		ev := s.ring[i]
-		switch {
-		case ev.Type == schema.EventQueued && queued == nil:
-			queued = &ev
-		case ev.Type == schema.EventProgress && progress == nil:
-			progress = &ev
-		case ev.Type == schema.EventDispatched || ev.Type == schema.EventRunning:
-			if queued == nil {
-				queued = &schema.Event{} // it left the queue: older positions are stale
+		switch ev.Type {
+		case schema.EventQueued:
+			if queued == nil && !left {
+				queued = &ev
 			}
+		case schema.EventProgress:
+			if progress == nil {
+				progress = &ev
+			}
+		case schema.EventDispatched, schema.EventRunning:
+			left = left || queued == nil
 		}
-	}
-	if queued != nil && queued.Type == "" {
-		queued = nil
 	}
 	return queued, progress
 }

@@ -373,7 +373,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 		}
 		pj, _ := pendingFromJob(job, f.cfg.MaxGraphNodes)
 		if pj == nil {
-			pj = &pendingJob{ID: job.ID}
+			pj = &pendingJob{ID: job.ID, Frontend: job.Frontend}
 		}
 		a := r.adoptAttempt(job, pj)
 		r.mu.Lock()

@@ -131,22 +131,30 @@ func (f *Farm) clientID(node string) string {
 	return "comfyfarm-" + node
 }
 
+// newRunner makes a node's runner, not started.
+func (f *Farm) newRunner(name, url string) (*runner, error) {
+	client, err := comfy.NewClient(url, comfy.WithClientID(f.clientID(name)))
+	if err != nil {
+		return nil, err
+	}
+	return &runner{
+		farm: f, name: name, client: client, log: f.log.With("node", name),
+		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
+	}, nil
+}
+
 func (f *Farm) startRunner(ctx context.Context, name string) {
 	n, ok := f.nodes.Node(name)
 	if !ok {
 		return
 	}
-	client, err := comfy.NewClient(n.URL, comfy.WithClientID(f.clientID(name)))
+	r, err := f.newRunner(name, n.URL)
 	if err != nil {
 		f.log.Error("node client", "node", name, "err", err)
 		return
 	}
 	rctx, cancel := context.WithCancel(ctx)
-	r := &runner{
-		farm: f, name: name, client: client, stop: cancel, done: make(chan struct{}),
-		log:  f.log.With("node", name),
-		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
-	}
+	r.stop, r.done = cancel, make(chan struct{})
 	f.rmu.Lock()
 	if _, ok := f.runners[name]; ok {
 		f.rmu.Unlock()
@@ -322,12 +330,17 @@ func (r *runner) jobCount() int {
 // hold takes a node slot for a job about to be claimed (the scheduler picked
 // this node for it); claimed completes it, release gives it back.
 func (r *runner) hold(pj *pendingJob) *active {
+	return r.take(pj, 0, phasePosting)
+}
+
+// take records an attempt of pj's job as this runner's, in phase.
+func (r *runner) take(pj *pendingJob, attempt int, ph phase) *active {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.seq++
 	a := &active{
-		jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq,
-		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: phasePosting, avoid: pj.Avoid,
+		jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: attempt,
+		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: ph, avoid: pj.Avoid,
 		epoch: r.streamEpoch,
 	}
 	r.jobs[pj.ID] = a
@@ -355,16 +368,7 @@ func (r *runner) release(a *active) {
 // adoptAttempt takes on an active job found on the node at start (or at a
 // new term): it is followed from here.
 func (r *runner) adoptAttempt(job *schema.Job, pj *pendingJob) *active {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.seq++
-	a := &active{
-		jobID: job.ID, frontend: job.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: job.Attempts,
-		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: phaseFollowing, avoid: pj.Avoid,
-		epoch: r.streamEpoch,
-	}
-	r.jobs[job.ID] = a
-	return a
+	return r.take(pj, job.Attempts, phaseFollowing)
 }
 
 // bind ties a prompt id to a job and replays events that came early.

@@ -621,7 +621,7 @@ func (f *Farm) cancelled(ctx context.Context, j *schema.Job) *schema.Job {
 }
 
 // Nodes lists node views.
-func (f *Farm) Nodes(ctx context.Context) ([]schema.NodeView, error) { return f.nodeViews(ctx), nil }
+func (f *Farm) Nodes(ctx context.Context) ([]schema.NodeView, error) { return f.nodeViews(), nil }
 
 // NodeAdd registers a node; the farm starts following it.
 func (f *Farm) NodeAdd(ctx context.Context, n schema.Node) (*schema.NodeView, error) {

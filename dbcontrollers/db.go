@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -533,11 +534,15 @@ func inTxRetryOpts(ctx context.Context, db *DB, opts *sql.TxOptions, fn func(tx 
 	const attempts = 4
 	var err error
 	for i := 0; i < attempts; i++ {
-		if err = inTxOpts(ctx, db, opts, fn); err == nil || !retryable(err) {
+		if err = inTxOpts(ctx, db, opts, fn); err == nil || !retryable(err) || i == attempts-1 {
 			return err
 		}
-		if ctx.Err() != nil {
+		// Racers that deadlocked each other would meet again if they retried
+		// at once: wait a short, random while, longer at each try.
+		select {
+		case <-ctx.Done():
 			return err
+		case <-time.After(time.Duration(1+rand.IntN(4<<i)) * time.Millisecond):
 		}
 	}
 	return err

@@ -64,6 +64,18 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 	if name == "" || holder == "" || ttl <= 0 {
 		return Leadership{}, schema.Invalid("lease", "name, holder and a positive ttl are required")
 	}
+	if epoch == 0 {
+		// Seed the row, free, before locking it: on MySQL a locking read of a
+		// missing row takes a gap lock, and replicas racing to insert under
+		// theirs deadlock. An existing row is left as it is.
+		seed := "INSERT IGNORE INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, '', 0, 0)"
+		if !s.mysql() {
+			seed = "INSERT INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, '', 0, 0) ON CONFLICT (name) DO NOTHING"
+		}
+		if _, err := s.db.ExecContext(ctx, seed, name); err != nil {
+			return Leadership{}, fmt.Errorf("leader lease %s: %w", name, interpretError(err))
+		}
+	}
 	var out Leadership
 	err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
 		now, err := s.dbNowMS(ctx, tx)
@@ -77,27 +89,11 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 		}
 		var row leaderRow
 		err = tx.GetContext(ctx, &row, leaderSelect+lock, name)
-		switch {
-		case errors.Is(err, sql.ErrNoRows):
-			ins := "INSERT INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, ?, 1, ?)"
-			if s.mysql() {
-				ins = "INSERT IGNORE INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, ?, 1, ?)"
-			} else {
-				ins += " ON CONFLICT (name) DO NOTHING"
-			}
-			res, err := tx.ExecContext(ctx, ins, name, holder, until)
-			if err != nil {
-				return interpretError(err)
-			}
-			if n, _ := res.RowsAffected(); n == 1 {
-				out = Leadership{Holder: holder, Epoch: 1, ExpiresAt: time.UnixMilli(until).UTC(), Held: true}
-				return nil
-			}
-			// Another replica inserted it first: look again.
-			if err := tx.GetContext(ctx, &row, leaderSelect+lock, name); err != nil {
-				return interpretError(err)
-			}
-		case err != nil:
+		if errors.Is(err, sql.ErrNoRows) {
+			// Never seeded: only a renewal gets here, of a term that cannot hold it.
+			return nil
+		}
+		if err != nil {
 			return interpretError(err)
 		}
 		out = Leadership{Holder: row.Holder, Epoch: row.Epoch, ExpiresAt: time.UnixMilli(row.ExpiresMS).UTC()}

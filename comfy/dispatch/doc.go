@@ -31,8 +31,12 @@
 // JobRequeue, JobCancelActive, ...), which says from which states it
 // applies; transitions of a running job name its attempt.
 //
-// Each claimed attempt is owned by its node's runner as one record (active)
-// with a phase, from the claim to its end on the node:
+// Each claimed attempt has one owner, its executor (attempt.go: the
+// attempt type), from the claim to its end on the node; every step of its
+// life is one of its methods (post, markRunning, finished, complete, store,
+// fail, requeue, timeout, takeOff). Its node's runner holds it and routes
+// the node's events and reconcile's findings to it; a cancel asks it to
+// give up (abandon). Its phase:
 //
 //	posting --posted--> following --the node ended it--> finishing --> (final state written)
 //	   |                    |   ^                           |

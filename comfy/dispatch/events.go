@@ -3,7 +3,6 @@ package dispatch
 import (
 	"context"
 	"encoding/base64"
-	"errors"
 	"slices"
 	"time"
 
@@ -66,16 +65,16 @@ func (r *runner) handle(ev comfy.Event) {
 		r.mu.Unlock()
 		r.setCurrent(a)
 		if !abandoned {
-			r.farm.markRunning(ctx, r, a)
+			a.markRunning(ctx)
 		}
 	case *comfy.Executing:
 		if e.Done {
-			r.finished(a)
+			a.finished()
 			return
 		}
 		r.setCurrent(a)
 		if !abandoned {
-			r.farm.markRunning(ctx, r, a) // legacy servers may skip execution_start
+			a.markRunning(ctx) // legacy servers may skip execution_start
 		}
 	case *comfy.Progress:
 		if abandoned {
@@ -84,7 +83,7 @@ func (r *runner) handle(ev comfy.Event) {
 		// A socket that connected after the prompt started (or reconnected
 		// without a reconcile yet) sees no execution_start: progress says
 		// it runs all the same, and job_timeout counts from here.
-		r.farm.markRunning(ctx, r, a)
+		a.markRunning(ctx)
 		node := e.Node
 		p := schema.NewProgress(node, e.Value, e.Max)
 		r.mu.Lock()
@@ -101,7 +100,7 @@ func (r *runner) handle(ev comfy.Event) {
 		}
 		r.mu.Unlock()
 		if !abandoned {
-			r.farm.markRunning(ctx, r, a)
+			a.markRunning(ctx)
 			r.farm.hub.Publish(a.jobID, schema.Event{Type: schema.EventExecuted, NodeID: e.Node})
 		}
 	case *comfy.Preview:
@@ -116,28 +115,28 @@ func (r *runner) handle(ev comfy.Event) {
 		r.mu.Lock()
 		a.uiDone = a.ui != nil && r.streamIntact(a)
 		r.mu.Unlock()
-		r.finished(a)
+		a.finished()
 	case *comfy.ExecutionError:
 		if e.Blocked() {
 			return // an output was blocked; the run goes on
 		}
 		r.clearCurrent(a)
 		if abandoned {
-			r.forget(a.ref())
+			a.forget()
 			return
 		}
-		r.farm.finishFailed(ctx, r, a.ref(), &schema.JobError{
+		a.fail(ctx, &schema.JobError{
 			Code: schema.CodeExecutionError, Message: e.ExceptionMessage, NodeID: e.NodeID, NodeType: e.NodeType,
 			Details: map[string]any{"exception_type": e.ExceptionType, "traceback": e.Traceback},
 		})
 	case *comfy.ExecutionInterrupted:
 		r.clearCurrent(a)
 		if abandoned {
-			r.forget(a.ref())
+			a.forget()
 			return
 		}
 		// Someone else interrupted the node: the work is not done, run it again.
-		r.farm.requeue(ctx, r, a.ref(), "interrupted on the node")
+		a.requeue(ctx, "interrupted on the node", requeuePlain)
 	}
 }
 
@@ -145,7 +144,7 @@ func (r *runner) handle(ev comfy.Event) {
 // (2023-era progress, the executing frame after a reconnect) belong to the
 // prompt that runs now. Events for prompt ids not bound yet are kept until
 // the /prompt response binds them.
-func (r *runner) lookup(ev comfy.Event) *active {
+func (r *runner) lookup(ev comfy.Event) *attempt {
 	pid := ev.EventPromptID()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -179,14 +178,14 @@ func (r *runner) lookup(ev comfy.Event) *active {
 	return nil
 }
 
-func (r *runner) setCurrent(a *active) {
+func (r *runner) setCurrent(a *attempt) {
 	r.mu.Lock()
 	r.current = a
 	r.busy.set(r.farm.cfg.NowFunc(), a != nil)
 	r.mu.Unlock()
 }
 
-func (r *runner) clearCurrent(a *active) {
+func (r *runner) clearCurrent(a *attempt) {
 	r.mu.Lock()
 	if r.current == a {
 		r.current = nil
@@ -207,29 +206,6 @@ func (r *runner) load(now time.Time) (inflight int, busy float64) {
 	return inflight, r.busy.ratio(now)
 }
 
-// finished starts completion of a prompt that the node says has ended.
-func (r *runner) finished(a *active) {
-	r.clearCurrent(a)
-	r.mu.Lock()
-	switch a.phase {
-	case phaseAbandoned:
-		r.mu.Unlock()
-		r.forget(a.ref())
-		return
-	case phaseFinishing:
-		r.mu.Unlock()
-		return
-	}
-	a.phase = phaseFinishing
-	r.mu.Unlock()
-	r.farm.kickScheduler() // the node is free: its next job need not wait for our copying
-	r.farm.wg.Add(1)
-	go func() {
-		defer r.farm.wg.Done()
-		r.farm.complete(r.farm.ctx, r, a)
-	}()
-}
-
 // reconcile checks active jobs against the node's queue and history: every
 // job after a reconnect (force), otherwise those without a recent sign of life.
 func (r *runner) reconcile(ctx context.Context, force bool) {
@@ -243,12 +219,12 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 	f := r.farm
 	now := f.cfg.NowFunc()
 	type item struct {
-		a   *active
+		a   *attempt
 		pid string
 	}
 	r.mu.Lock()
 	var check []item
-	var overdue []*active
+	var overdue []*attempt
 	for _, a := range r.jobs {
 		if a.phase == phasePosting || a.phase == phaseFinishing {
 			continue
@@ -266,7 +242,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 	}
 	r.mu.Unlock()
 	for _, a := range overdue {
-		r.timeout(ctx, a)
+		a.timeout(ctx)
 	}
 	for _, it := range check {
 		a := it.a
@@ -294,11 +270,11 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 			if stalled {
 				switch {
 				case abandoned:
-					r.forget(a.ref())
+					a.forget()
 				case badAnswer(err):
-					f.requeueFault(ctx, r, a.ref(), "unreadable answer: "+err.Error())
+					a.requeue(ctx, "unreadable answer: "+err.Error(), requeueNodeFault)
 				default:
-					f.requeue(ctx, r, a.ref(), "node unreachable: "+err.Error())
+					a.requeue(ctx, "node unreachable: "+err.Error(), requeuePlain)
 				}
 			}
 			continue
@@ -307,62 +283,23 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		case comfy.PromptRunning:
 			if !abandoned {
 				r.setCurrent(a)
-				f.markRunning(ctx, r, a)
+				a.markRunning(ctx)
 			}
 		case comfy.PromptPending:
 		case comfy.PromptDone:
-			r.finished(a)
+			a.finished()
 		case comfy.PromptLost:
 			switch {
 			case abandoned:
-				r.forget(a.ref())
+				a.forget()
 			case force || !unbroken:
 				// The event stream dropped since the job was posted (or
 				// this is the check after a reconnect or a start): a
 				// restart of the node explains the loss.
-				f.requeue(ctx, r, a.ref(), "prompt lost on the node (restarted?)")
+				a.requeue(ctx, "prompt lost on the node (restarted?)", requeuePlain)
 			default:
-				f.requeueFault(ctx, r, a.ref(), "prompt lost on the node while connected to it")
+				a.requeue(ctx, "prompt lost on the node while connected to it", requeueNodeFault)
 			}
 		}
 	}
-}
-
-// timeout interrupts and fails a job that has run longer than job_timeout.
-// Its prompt keeps the node's slot until the node says it ended.
-func (r *runner) timeout(ctx context.Context, a *active) {
-	r.mu.Lock()
-	if a.phase == phaseFinishing || a.phase == phaseAbandoned || r.jobs[a.jobID] != a {
-		r.mu.Unlock()
-		return // it ended meanwhile
-	}
-	a.phase = phaseAbandoned
-	r.mu.Unlock()
-	if err := r.interrupt(ctx, a); err != nil && !errors.Is(err, context.Canceled) {
-		r.log.Warn("interrupt timed out job", "job_id", a.jobID, "err", err)
-	}
-	r.farm.finishFailed(ctx, nil, a.ref(), &schema.JobError{Code: schema.CodeTimeout, Message: "the job ran longer than scheduler.job_timeout"})
-}
-
-// interrupt stops a's prompt on the node. Servers that know targeted
-// interrupts get the prompt id; older ones interrupt whatever runs, so the
-// queue is checked first and the (small) race accepted.
-func (r *runner) interrupt(ctx context.Context, a *active) error {
-	r.mu.Lock()
-	pid := a.promptID
-	targeted := r.features != nil && r.features.TargetedInterrupt
-	r.mu.Unlock()
-	if pid == "" {
-		return nil
-	}
-	if !targeted {
-		q, err := r.client.Queue(ctx)
-		if err != nil {
-			return err
-		}
-		if _, running, _ := q.Position(pid); !running {
-			return nil
-		}
-	}
-	return r.client.Interrupt(ctx, pid)
 }

@@ -444,7 +444,7 @@ func (f *Farm) schedule(ctx context.Context) {
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			r.dispatch(ctx, job, a)
+			a.post(ctx, job)
 		}()
 	}
 }

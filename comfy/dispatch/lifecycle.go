@@ -67,27 +67,6 @@ func (f *Farm) landed(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.J
 	return job, true
 }
 
-// markRunning records that the node started a's prompt.
-func (f *Farm) markRunning(ctx context.Context, r *runner, a *active) {
-	r.mu.Lock()
-	if a.state != schema.JobDispatched {
-		r.mu.Unlock()
-		return
-	}
-	now := f.cfg.NowFunc()
-	a.state = schema.JobRunning
-	a.runSince = now
-	r.mu.Unlock()
-	_, err := f.store.JobUpdate(ctx, dbcontrollers.JobMarkRunning(a.jobID, a.attempt, now))
-	if err != nil {
-		if !errors.Is(err, schema.ErrConflict) {
-			r.log.Error("mark running", "job_id", a.jobID, "err", err)
-		}
-		return
-	}
-	f.hub.Publish(a.jobID, schema.Event{Type: schema.EventRunning, Node: r.name})
-}
-
 // finishFailed ends a job as failed: no retry.
 func (f *Farm) finishFailed(ctx context.Context, r *runner, ref jobRef, jerr *schema.JobError) {
 	// The job's lease is kept until its end is written, also while the
@@ -143,20 +122,6 @@ func (f *Farm) keepLease(id string, on bool) {
 	}
 }
 
-// requeue sends an active job back to the queue (the node failed it), or fails
-// it when it has used all its attempts. ref's attempt guards against acting
-// on a newer attempt than the one that failed.
-func (f *Farm) requeue(ctx context.Context, r *runner, ref jobRef, reason string) {
-	f.requeueJob(ctx, r, ref, reason, requeuePlain)
-}
-
-// requeueFault is requeue for a failure of the node's own making (an
-// unreadable answer, a prompt it lost, outputs it cannot serve): it counts
-// against the node, and the job is placed on another node when one can run it.
-func (f *Farm) requeueFault(ctx context.Context, r *runner, ref jobRef, reason string) {
-	f.requeueJob(ctx, r, ref, reason, requeueNodeFault)
-}
-
 // requeueKind says what a requeue tells of the node and of the attempt.
 type requeueKind int
 
@@ -167,11 +132,15 @@ const (
 	requeueStale                        // the node lacks a value its old catalogue listed: placed again, the attempt given back
 )
 
+// requeueJob sends an active job back to the queue, or fails it when it
+// has used all its attempts. ref's attempt guards against acting on a newer
+// attempt than the one that failed. r is the node's runner, nil when no
+// runner follows the job (its node was removed).
 func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason string, kind requeueKind) {
 	var avoid []string
 	if r != nil {
 		r.mu.Lock()
-		if a := r.jobs[ref.id]; a != nil && (ref.attempt == 0 || a.attempt == ref.attempt) {
+		if a := r.jobs[ref.id]; a != nil && (ref.attempt == 0 || a.num == ref.attempt) {
 			avoid = a.avoid
 		}
 		r.mu.Unlock()
@@ -223,73 +192,6 @@ func (f *Farm) requeueJob(ctx context.Context, r *runner, ref jobRef, reason str
 		f.metrics.requeued.Inc()
 	}
 	f.requeued(job, avoid...)
-}
-
-// complete confirms the end of a's prompt and stores its outputs. When the
-// node's stream carried the whole run (execution_start to execution_success
-// on one connection), the outputs of its executed frames are what the
-// history entry lists, and the node is not asked again; otherwise (a
-// reconnect on the way, a server that sends no execution_success, an adopted
-// job) the history entry is read.
-func (f *Farm) complete(ctx context.Context, r *runner, a *active) {
-	r.mu.Lock()
-	var entry *comfy.HistoryEntry
-	if a.uiDone {
-		entry = &comfy.HistoryEntry{PromptID: a.promptID, Outputs: maps.Clone(a.ui)}
-	}
-	pid := a.promptID
-	r.mu.Unlock()
-	var err error
-	if entry == nil {
-		r.historyReads.Add(1)
-		entry, err = f.waitHistory(ctx, r, pid)
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return
-		}
-		if badAnswer(err) {
-			// The node answers, but nothing it says can be read: asking
-			// again will not help, another node may.
-			f.requeueFault(ctx, r, a.ref(), "unreadable history: "+err.Error())
-			return
-		}
-		// Not in history after the wait: let reconcile look again later.
-		r.log.Warn("no history for finished prompt", "job_id", a.jobID, "prompt_id", a.promptID, "err", err)
-		r.mu.Lock()
-		if a.phase == phaseFinishing {
-			a.phase = phaseFollowing
-		}
-		r.mu.Unlock()
-		return
-	}
-	switch entry.Outcome() {
-	case comfy.OutcomeError:
-		jerr := &schema.JobError{Code: schema.CodeExecutionError, Message: "the workflow failed on the node"}
-		if ee := entry.ExecError(); ee != nil {
-			jerr.Message, jerr.NodeID, jerr.NodeType = ee.ExceptionMessage, ee.NodeID, ee.NodeType
-			jerr.Details = map[string]any{"exception_type": ee.ExceptionType, "traceback": ee.Traceback}
-		}
-		f.finishFailed(ctx, r, a.ref(), jerr)
-		return
-	case comfy.OutcomeInterrupted:
-		f.requeue(ctx, r, a.ref(), "interrupted on the node")
-		return
-	}
-	r.mu.Lock()
-	a.state = schema.JobStoring
-	for _, m := range a.models {
-		if i := slices.Index(r.models, m); i >= 0 {
-			r.models = slices.Delete(r.models, i, i+1)
-		}
-		r.models = append(r.models, m)
-	}
-	if len(r.models) > 8 {
-		r.models = r.models[len(r.models)-8:]
-	}
-	r.mu.Unlock()
-	f.kickScheduler() // the GPU is free while outputs are copied
-	f.storeOutputs(ctx, r, a, entry)
 }
 
 // waitHistory polls the history entry: it is written shortly after
@@ -365,7 +267,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 		}
 		r := f.runner(job.Node)
 		if r == nil {
-			f.requeue(ctx, nil, jobRef{job.ID, job.Attempts}, "its node is no longer registered")
+			f.requeueJob(ctx, nil, jobRef{job.ID, job.Attempts}, "its node is no longer registered", requeuePlain)
 			continue
 		}
 		if _, err := f.store.JobUpdate(ctx, dbcontrollers.JobAdopt(job.ID, f.cfg.InstanceID, f.cfg.NowFunc().Add(f.cfg.Lease))); err != nil {
@@ -394,7 +296,7 @@ func (f *Farm) adopt(ctx context.Context) error {
 			f.wg.Add(1)
 			go func() {
 				defer f.wg.Done()
-				f.complete(ctx, r, a)
+				a.complete(ctx)
 			}()
 			continue
 		}
@@ -462,7 +364,7 @@ func (f *Farm) retire(ctx context.Context, r *runner) {
 	r.stop()
 	<-r.done
 	r.mu.Lock()
-	var back []*active
+	var back []*attempt
 	for _, a := range r.jobs {
 		if a.phase == phasePosting || a.phase == phaseFollowing {
 			back = append(back, a)
@@ -471,9 +373,9 @@ func (f *Farm) retire(ctx context.Context, r *runner) {
 	r.mu.Unlock()
 	for _, a := range back {
 		ictx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_ = r.interrupt(ictx, a)
+		_ = a.interrupt(ictx)
 		cancel()
-		f.requeue(ctx, r, a.ref(), "node removed")
+		a.requeue(ctx, "node removed", requeuePlain)
 	}
 }
 

@@ -13,7 +13,6 @@ import (
 	"os"
 	"path"
 	"strings"
-	"time"
 
 	"github.com/jmoiron/sqlx"
 
@@ -22,73 +21,6 @@ import (
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
-
-// storeOutputs copies every output of a finished prompt into storage, records
-// them as photo rows of the job's frontend and marks the job succeeded.
-//
-// It is idempotent: object keys are fixed by (job, output index), so a retry
-// overwrites the same objects, and photo rows are unique on (job, index). The
-// photo rows live in the frontend's database and the job in the control
-// database, so they cannot share one transaction; the photos are written
-// first and the job is marked succeeded after, so a crash in between is
-// repaired by the next attempt (adoption at start re-runs a storing job).
-// While storage fails the job stays storing and this retries with back-off:
-// a job is never succeeded without its objects.
-func (f *Farm) storeOutputs(ctx context.Context, r *runner, a *active, entry *comfy.HistoryEntry) {
-	job, err := f.updateJob(ctx, dbcontrollers.JobMarkStoring(a.jobID, a.attempt))
-	if err != nil {
-		if !errors.Is(err, schema.ErrConflict) && ctx.Err() == nil {
-			r.log.Error("mark storing", "job_id", a.jobID, "err", err)
-		}
-		r.forget(a.ref())
-		return
-	}
-	f.hub.Publish(job.ID, schema.Event{Type: schema.EventStoring})
-	storeStart := f.cfg.NowFunc()
-	if job.StartedAt != nil {
-		f.metrics.runDuration.WithLabelValues(job.Frontend, r.name).Observe(storeStart.Sub(*job.StartedAt).Seconds())
-	}
-
-	wait := 200 * time.Millisecond
-	var firstNodeErr time.Time
-	for attempt := 1; ; attempt++ {
-		outputs, err := f.copyOutputs(ctx, r, job, entry)
-		if err == nil {
-			f.metrics.storeDuration.Observe(f.cfg.NowFunc().Sub(storeStart).Seconds())
-			f.succeed(ctx, r, job, outputs)
-			return
-		}
-		if ctx.Err() != nil {
-			return // adopted and retried at the next start
-		}
-		var nerr *nodeReadError
-		if errors.As(err, &nerr) {
-			if firstNodeErr.IsZero() {
-				firstNodeErr = f.cfg.NowFunc()
-			}
-			if f.cfg.NowFunc().Sub(firstNodeErr) > f.cfg.StallTimeout {
-				// The node lost the files (or itself): the run has to happen again.
-				f.requeueFault(ctx, r, a.ref(), "outputs unreadable on the node: "+err.Error())
-				return
-			}
-		}
-		var perm *permanentError
-		if errors.As(err, &perm) {
-			f.finishFailed(ctx, r, a.ref(), perm.jerr)
-			return
-		}
-		f.metrics.storageRetries.Inc()
-		r.log.Warn("storing outputs failed, retrying", "job_id", job.ID, "attempt", attempt, "err", err)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-		if wait < 30*time.Second {
-			wait *= 2
-		}
-	}
-}
 
 type nodeReadError struct{ err error }
 

@@ -2,7 +2,6 @@ package dispatch
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -13,7 +12,6 @@ import (
 	"time"
 
 	"github.com/comfyfarm/comfyfarm/comfy"
-	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
@@ -32,13 +30,13 @@ type runner struct {
 	historyReads atomic.Int64
 
 	mu          sync.Mutex
-	jobs        map[string]*active // by job id, including cancelled prompts still on the node
-	byPrompt    map[string]*active
+	jobs        map[string]*attempt // by job id, including cancelled prompts still on the node
+	byPrompt    map[string]*attempt
 	early       map[string][]comfy.Event // events for prompt ids not bound yet
 	earlyOrder  []string                 // early's keys, oldest first
 	gone        []string                 // prompt ids recently forgotten, newest last
 	reconciling sync.Mutex               // one reconcile at a time
-	current     *active                  // the prompt the node executes now, if known
+	current     *attempt                 // the prompt the node executes now, if known
 	cat         *catalogue               // nil: not known yet
 	catAt       time.Time                // when cat was read
 	catTried    time.Time                // when a refresh for a missing value last asked the node
@@ -53,56 +51,10 @@ type runner struct {
 	streamEpoch uint64    // counts event stream connects and drops
 }
 
-// phase is where an attempt stands, as its runner owns it: it moves
-// forward only (posting -> following -> finishing), except that a
-// completion that found no history yet goes back to following, and any
-// phase but finishing may end in abandoned.
-type phase uint8
-
-const (
-	// phasePosting: claimed (or being claimed), inputs uploading, the
-	// prompt in flight. Reconcile leaves it alone; the slot is taken.
-	phasePosting phase = iota
-	// phaseFollowing: on the node, pending or running (state says which);
-	// the node's events and reconcile move it.
-	phaseFollowing
-	// phaseFinishing: the node ended the prompt; its history is read and
-	// its outputs stored. The node's slot is free again.
-	phaseFinishing
-	// phaseAbandoned: cancelled or timed out by us. The prompt may still
-	// occupy the node: the slot stays taken until the node lets go of it.
-	phaseAbandoned
-)
-
-// active is one attempt of a job that this runner owns, from its claim to
-// its end on the node.
-type active struct {
-	jobID    string
-	promptID string
-	frontend string
-	state    schema.JobState
-	models   []string
-	progress *schema.Progress
-	lastSign time.Time // last event or confirmation from the node
-	runSince time.Time
-	attempt  int    // the job's attempt this entry follows
-	seq      uint64 // dispatch order on this node
-	phase    phase
-	avoid    []string // nodes this job failed on before, carried into a requeue
-	epoch    uint64   // the runner's streamEpoch when the job was taken on
-	// ui collects the outputs the node's executed frames carry, from
-	// execution_start on, while the stream that was open when the job was
-	// taken on stays open; nil when not collecting. uiDone is set when
-	// execution_success came on that same stream: ui is then the whole of
-	// what the history entry will list, and completion need not ask for it.
-	ui     map[string]comfy.NodeOutput
-	uiDone bool
-}
-
 // streamIntact reports whether the node's event stream has stayed open since
 // a was taken on, so that no frame of its prompt can have been missed.
 // Called with r.mu held.
-func (r *runner) streamIntact(a *active) bool {
+func (r *runner) streamIntact(a *attempt) bool {
 	return r.connected && a.epoch == r.streamEpoch
 }
 
@@ -113,8 +65,6 @@ type jobRef struct {
 	id      string
 	attempt int
 }
-
-func (a *active) ref() jobRef { return jobRef{a.jobID, a.attempt} }
 
 // clientID is the WebSocket client id of a node's runner. ComfyUI sends a
 // prompt's events only to the socket registered under the id that posted
@@ -139,7 +89,7 @@ func (f *Farm) newRunner(name, url string) (*runner, error) {
 	}
 	return &runner{
 		farm: f, name: name, client: client, log: f.log.With("node", name),
-		jobs: make(map[string]*active), byPrompt: make(map[string]*active), early: make(map[string][]comfy.Event),
+		jobs: make(map[string]*attempt), byPrompt: make(map[string]*attempt), early: make(map[string][]comfy.Event),
 	}, nil
 }
 
@@ -275,19 +225,6 @@ func (r *runner) inflight() int {
 	return n
 }
 
-// holdsSlot reports whether a occupies the node: posted and not yet ended
-// there. A prompt the node has finished frees its slot at once, before its
-// history and outputs are fetched, so the next job can start.
-func (a *active) holdsSlot() bool {
-	switch a.phase {
-	case phaseAbandoned:
-		return true
-	case phaseFinishing:
-		return false
-	}
-	return a.state == schema.JobDispatched || a.state == schema.JobRunning
-}
-
 func (r *runner) modelsLoaded(models []string) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -329,17 +266,17 @@ func (r *runner) jobCount() int {
 
 // hold takes a node slot for a job about to be claimed (the scheduler picked
 // this node for it); claimed completes it, release gives it back.
-func (r *runner) hold(pj *pendingJob) *active {
+func (r *runner) hold(pj *pendingJob) *attempt {
 	return r.take(pj, 0, phasePosting)
 }
 
 // take records an attempt of pj's job as this runner's, in phase.
-func (r *runner) take(pj *pendingJob, attempt int, ph phase) *active {
+func (r *runner) take(pj *pendingJob, num int, ph phase) *attempt {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.seq++
-	a := &active{
-		jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq, attempt: attempt,
+	a := &attempt{
+		r: r, jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq, num: num,
 		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: ph, avoid: pj.Avoid,
 		epoch: r.streamEpoch,
 	}
@@ -348,15 +285,15 @@ func (r *runner) take(pj *pendingJob, attempt int, ph phase) *active {
 }
 
 // claimed records the attempt a held slot's claim gave the job.
-func (r *runner) claimed(a *active, job *schema.Job) {
+func (r *runner) claimed(a *attempt, job *schema.Job) {
 	r.mu.Lock()
-	a.attempt = job.Attempts
+	a.num = job.Attempts
 	a.lastSign = r.farm.cfg.NowFunc()
 	r.mu.Unlock()
 }
 
 // release gives back a slot whose claim failed.
-func (r *runner) release(a *active) {
+func (r *runner) release(a *attempt) {
 	r.mu.Lock()
 	if r.jobs[a.jobID] == a {
 		delete(r.jobs, a.jobID)
@@ -367,7 +304,7 @@ func (r *runner) release(a *active) {
 
 // adoptAttempt takes on an active job found on the node at start (or at a
 // new term): it is followed from here.
-func (r *runner) adoptAttempt(job *schema.Job, pj *pendingJob) *active {
+func (r *runner) adoptAttempt(job *schema.Job, pj *pendingJob) *attempt {
 	return r.take(pj, job.Attempts, phaseFollowing)
 }
 
@@ -400,7 +337,7 @@ func (r *runner) forget(ref jobRef) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	a := r.jobs[ref.id]
-	if a == nil || (ref.attempt != 0 && a.attempt != ref.attempt) {
+	if a == nil || (ref.attempt != 0 && a.num != ref.attempt) {
 		return
 	}
 	delete(r.jobs, ref.id)
@@ -421,60 +358,6 @@ func (r *runner) forget(ref jobRef) {
 // promptFor maps a job attempt to the prompt id we ask the node to use.
 func promptFor(job *schema.Job) string {
 	return fmt.Sprintf("%s-%d", job.ID, job.Attempts)
-}
-
-// dispatch uploads the job's inputs, rewrites its graph and posts it.
-func (r *runner) dispatch(ctx context.Context, job *schema.Job, a *active) {
-	f := r.farm
-	start := f.cfg.NowFunc()
-	posted := func() {
-		r.mu.Lock()
-		if a.phase == phasePosting {
-			a.phase = phaseFollowing
-		}
-		a.lastSign = f.cfg.NowFunc()
-		r.mu.Unlock()
-	}
-	body, err := r.prepare(ctx, job)
-	if err != nil {
-		posted()
-		r.dispatchFailed(ctx, job, err)
-		return
-	}
-	pid := promptFor(job)
-	r.bind(job.ID, pid)
-	resp, err := r.client.Submit(ctx, comfy.SubmitRequest{Prompt: body, PromptID: pid})
-	if err != nil {
-		posted()
-		r.dispatchFailed(ctx, job, &nodeError{err})
-		return
-	}
-	if resp.PromptID != pid {
-		r.bind(job.ID, resp.PromptID) // an older server chose its own id
-	}
-	posted()
-	_, err = f.store.JobUpdate(ctx, dbcontrollers.JobRecordPrompt(job.ID, job.Attempts, resp.PromptID))
-	cancelled := errors.Is(err, schema.ErrConflict)
-	if cancelled {
-		// The job ended while it was posted; only a cancel does that.
-		cur, gerr := f.store.JobGet(ctx, job.ID)
-		cancelled = gerr == nil && cur.State == schema.JobCancelled
-	} else if err != nil {
-		r.log.Error("record prompt id", "job_id", job.ID, "err", err)
-	}
-	r.mu.Lock()
-	cancelled = cancelled || a.phase == phaseAbandoned
-	if cancelled {
-		a.phase = phaseAbandoned // the slot stays taken until the node lets go of the prompt
-	}
-	r.mu.Unlock()
-	if cancelled {
-		// Cancelled while it was being posted: take it off the node now.
-		_ = r.client.DeletePending(ctx, resp.PromptID)
-		_ = r.interrupt(ctx, a)
-		return
-	}
-	f.metrics.dispatchSeconds.Observe(f.cfg.NowFunc().Sub(start).Seconds())
 }
 
 // prepare uploads inputs and returns the graph as posted to the node.
@@ -506,58 +389,6 @@ func (r *runner) prepare(ctx context.Context, job *schema.Job) ([]byte, error) {
 	return g.Marshal()
 }
 
-// dispatchFailed decides between failing a job (the node refused the
-// workflow: retrying cannot help) and requeueing it (the node was unreachable).
-func (r *runner) dispatchFailed(ctx context.Context, job *schema.Job, err error) {
-	var verr *comfy.ValidationError
-	var aerr *comfy.APIError
-	var gerr *comfy.GraphError
-	switch {
-	case errors.As(err, &verr) && r.staleCatalogue(ctx, job, verr):
-		// The node's catalogue listed a value it no longer has: not the
-		// workflow's fault. Read it again and place the job again.
-		r.log.Info("node lacks a value its catalogue listed, placing the job again", "job_id", job.ID, "err", verr)
-		r.farm.requeueJob(ctx, r, jobRef{job.ID, job.Attempts}, "stale catalogue: "+verr.Error(), requeueStale)
-		if pj, err := pendingFromJob(job, r.farm.cfg.MaxGraphNodes); err == nil {
-			r.farm.refreshForStale(ctx, pj, r.name)
-		}
-	case errors.As(err, &verr):
-		jerr := &schema.JobError{Code: schema.CodeValidationFailed, Message: verr.Error(), Details: validationDetails(verr)}
-		for id, ne := range verr.NodeErrors {
-			if len(verr.NodeErrors) == 1 {
-				jerr.NodeID, jerr.NodeType = id, ne.ClassType // the one node the server named
-			}
-		}
-		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, jerr)
-	case errors.As(err, &gerr):
-		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: gerr.Error(), NodeID: gerr.NodeID})
-	case errors.Is(err, comfy.ErrTooLarge):
-		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: "the node refused the workflow as too large"})
-	case errors.As(err, &aerr) && aerr.Status >= 400 && aerr.Status < 500 && aerr.Status != 403 && aerr.Status != 404:
-		r.farm.finishFailed(ctx, r, jobRef{job.ID, job.Attempts}, &schema.JobError{Code: schema.CodeValidationFailed, Message: aerr.Error()})
-	default:
-		if ctx.Err() != nil {
-			return // shutting down: the job keeps its lease and is adopted at the next start
-		}
-		ref := jobRef{job.ID, job.Attempts}
-		var nerr *nodeError
-		switch {
-		case notSent(err):
-			// Nothing reached the node: no attempt is used, and the node
-			// leaves placement until the prober sees it answer again.
-			r.log.Warn("node refused the connection, job back to the queue", "job_id", job.ID, "err", err)
-			r.farm.nodes.Suspect(r.name, "connection failed: "+err.Error())
-			r.farm.requeueJob(ctx, r, ref, err.Error(), requeueUnposted)
-		case errors.As(err, &nerr):
-			r.log.Warn("dispatch failed on the node, requeueing", "job_id", job.ID, "err", err)
-			r.farm.requeueFault(ctx, r, ref, err.Error())
-		default:
-			r.log.Warn("dispatch failed, requeueing", "job_id", job.ID, "err", err)
-			r.farm.requeue(ctx, r, ref, err.Error())
-		}
-	}
-}
-
 // staleCatalogue reports whether a validation failure is the node's
 // catalogue gone stale: every error is value_not_in_list, and once the
 // catalogue is read again the node no longer offers what the job needs. A
@@ -582,23 +413,4 @@ func (r *runner) staleCatalogue(ctx context.Context, job *schema.Job, verr *comf
 		return false
 	}
 	return !r.canRun(pj)
-}
-
-// nodeError marks a failure of a request to the node (as opposed to one of
-// reading the job's own inputs from storage).
-type nodeError struct{ err error }
-
-func (e *nodeError) Error() string { return e.err.Error() }
-func (e *nodeError) Unwrap() error { return e.err }
-
-func validationDetails(v *comfy.ValidationError) map[string]any {
-	d := map[string]any{}
-	for id, ne := range v.NodeErrors {
-		items := make([]map[string]any, 0, len(ne.Errors))
-		for _, it := range ne.Errors {
-			items = append(items, map[string]any{"type": it.Type, "message": it.Message, "details": it.Details})
-		}
-		d[id] = map[string]any{"class_type": ne.ClassType, "errors": items}
-	}
-	return map[string]any{"node_errors": d}
 }

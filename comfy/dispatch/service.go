@@ -525,56 +525,25 @@ func (f *Farm) Cancel(ctx context.Context, frontend, id string) (*schema.Job, er
 	}
 
 	// Dispatched or running: take it off the node.
-	r := f.runner(j.Node)
-	var a *active
+	var a *attempt
 	var was phase
-	if r != nil {
-		r.mu.Lock()
-		a = r.jobs[id]
-		// An attempt being posted is left to finish its post: it then finds
-		// the job cancelled and takes its prompt off the node.
-		if a != nil && a.phase != phasePosting {
-			was, a.phase = a.phase, phaseAbandoned
-		} else {
-			a = nil
-		}
-		r.mu.Unlock()
+	if r := f.runner(j.Node); r != nil {
+		a, was = r.abandon(id)
 	}
 	done, err := f.db.JobUpdate(ctx, dbcontrollers.JobCancelActive(id, f.cfg.NowFunc()))
 	if err != nil {
-		if r != nil && a != nil {
-			r.mu.Lock()
-			a.phase = was
-			r.mu.Unlock()
+		if a != nil {
+			a.resume(was)
 		}
 		if errors.Is(err, schema.ErrConflict) {
 			return f.Cancel(ctx, frontend, id) // it moved on: look again
 		}
 		return nil, err
 	}
-	if r != nil && a != nil {
-		f.takeOff(ctx, r, a)
+	if a != nil {
+		a.takeOff(ctx)
 	}
 	return f.cancelled(ctx, done), nil
-}
-
-// takeOff removes a cancelled job's prompt from its node: deleted from the
-// node's queue, interrupted if it runs.
-func (f *Farm) takeOff(ctx context.Context, r *runner, a *active) {
-	r.mu.Lock()
-	pid := a.promptID
-	r.mu.Unlock()
-	if pid != "" {
-		_ = r.client.DeletePending(ctx, pid)
-		if err := r.interrupt(ctx, a); err != nil {
-			r.log.Warn("interrupt cancelled job", "job_id", a.jobID, "err", err)
-		}
-	}
-	// The node slot stays taken until the node says the prompt ended;
-	// reconcile forgets it if it was only pending.
-	r.mu.Lock()
-	a.lastSign = f.cfg.NowFunc().Add(-f.cfg.ReconcileEvery)
-	r.mu.Unlock()
 }
 
 // cancelHere does a cancel's part that belongs to the scheduler when another
@@ -591,18 +560,8 @@ func (f *Farm) cancelHere(ctx context.Context, id string) {
 		return
 	}
 	for _, r := range f.runnerList() {
-		r.mu.Lock()
-		a := r.jobs[id]
-		posting := a != nil && a.phase == phasePosting
-		if a != nil && !posting {
-			a.phase = phaseAbandoned
-		}
-		r.mu.Unlock()
-		if posting {
-			return // the post finds the job cancelled and takes it off
-		}
-		if a != nil {
-			f.takeOff(ctx, r, a)
+		if a, _ := r.abandon(id); a != nil {
+			a.takeOff(ctx)
 			return
 		}
 	}

@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/comfyfarm/comfyfarm/comfy/cluster"
+	"github.com/comfyfarm/comfyfarm/comfy/hub"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
 // Bus is what replicas tell each other; satisfied by *cluster.Redis.
 type Bus interface {
-	EventBus
+	hub.Bus
 	Notify(ctx context.Context, n cluster.Notice) error
 	Run(ctx context.Context, h cluster.Handlers, ready chan<- struct{}) error
 	PutNodes(ctx context.Context, views []byte, ttl time.Duration) error

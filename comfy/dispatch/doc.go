@@ -1,7 +1,7 @@
 // Package dispatch is the farm: the node registry and prober, the fair
 // scheduler, one runner per node that dispatches workflows and follows the
-// node's event stream, the output pipeline into storage, and the event hub
-// that relays every job's progress to its subscribers.
+// node's event stream, and the output pipeline into storage. Every job's
+// events go to its subscribers through the event hub (package comfy/hub).
 //
 // # The life of a job
 //

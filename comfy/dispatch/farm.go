@@ -16,6 +16,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 
+	"github.com/comfyfarm/comfyfarm/comfy/hub"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/oss"
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -157,7 +158,7 @@ type Farm struct {
 	frontends   Frontends
 	storage     oss.Store
 	nodes       *Nodes
-	hub         *Hub
+	hub         *hub.Hub
 	metrics     *farmMetrics
 	log         *slog.Logger
 	tally       nodeTally // jobs finished per node, for node views
@@ -205,7 +206,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 		frontends:  frontends,
 		storage:    storage,
 		nodes:      nodes,
-		hub:        NewHub(),
+		hub:        hub.New(),
 		metrics:    newFarmMetrics(),
 		log:        cfg.Logger.With("component", "farm"),
 		queue:      newFairQueue(cfg.Weights),
@@ -223,7 +224,7 @@ func NewFarm(cfg FarmConfig, store JobStore, frontends Frontends, storage oss.St
 	f.db = store
 	f.cl.role, f.cl.wake = RoleFollower, make(chan struct{}, 1)
 	if cfg.Bus != nil {
-		f.hub = NewBusHub(cfg.Bus)
+		f.hub = hub.NewBus(cfg.Bus)
 		if f.cfg.Leases == nil {
 			f.cfg.Leases, _ = store.(LeaseStore)
 		}

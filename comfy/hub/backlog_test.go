@@ -1,4 +1,4 @@
-package dispatch
+package hub
 
 import (
 	"testing"
@@ -14,7 +14,7 @@ import (
 // Expected: the backlog stays within QueueSize (plus a handful of real state
 // changes).
 func TestStalledSubscriberQueuedEventsBounded(t *testing.T) {
-	h := NewHub()
+	h := New()
 	_, cancel, err := h.Subscribe("j", 0, false, func() (*schema.Job, error) {
 		return &schema.Job{ID: "j", State: schema.JobQueued}, nil
 	})

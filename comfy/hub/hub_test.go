@@ -1,4 +1,4 @@
-package dispatch
+package hub
 
 import (
 	"sync"
@@ -27,7 +27,7 @@ func recv(t *testing.T, ch <-chan schema.Event) schema.Event {
 }
 
 func TestHubSnapshotThenLiveInOrder(t *testing.T) {
-	h := NewHub()
+	h := New()
 	h.Publish("j", schema.Event{Type: schema.EventQueued})
 	ch, cancel, err := h.Subscribe("j", 0, false, snap(schema.JobQueued))
 	if err != nil {
@@ -62,7 +62,7 @@ func TestHubSnapshotThenLiveInOrder(t *testing.T) {
 }
 
 func TestHubSlowSubscriberLosesOnlyProgress(t *testing.T) {
-	h := NewHub()
+	h := New()
 	h.QueueSize = 8
 	ch, cancel, err := h.Subscribe("j", 0, false, snap(schema.JobRunning))
 	if err != nil {
@@ -104,7 +104,7 @@ func TestHubSlowSubscriberLosesOnlyProgress(t *testing.T) {
 }
 
 func TestHubResumeAfterSeq(t *testing.T) {
-	h := NewHub()
+	h := New()
 	var seqs []int64
 	for _, typ := range []schema.EventType{schema.EventQueued, schema.EventDispatched, schema.EventRunning} {
 		seqs = append(seqs, h.Publish("j", schema.Event{Type: typ}).Seq)
@@ -134,7 +134,7 @@ func TestHubResumeAfterSeq(t *testing.T) {
 }
 
 func TestHubFinishedJobSnapshotAndClose(t *testing.T) {
-	h := NewHub()
+	h := New()
 	ch, cancel, err := h.Subscribe("j", 0, false, func() (*schema.Job, error) {
 		return &schema.Job{ID: "j", State: schema.JobFailed, Error: &schema.JobError{Code: "x"}}, nil
 	})
@@ -169,7 +169,7 @@ func TestHubFinishedJobSnapshotAndClose(t *testing.T) {
 }
 
 func TestHubThousandSubscribersGetTerminal(t *testing.T) {
-	h := NewHub()
+	h := New()
 	const n = 1000
 	var wg sync.WaitGroup
 	got := make(chan schema.EventType, n)
@@ -212,7 +212,7 @@ func TestHubThousandSubscribersGetTerminal(t *testing.T) {
 }
 
 func BenchmarkHubFanout1000(b *testing.B) {
-	h := NewHub()
+	h := New()
 	for i := 0; i < 1000; i++ {
 		ch, _, _ := h.Subscribe("j", 0, false, snap(schema.JobRunning))
 		go func() {
@@ -232,7 +232,7 @@ func BenchmarkHubFanout1000(b *testing.B) {
 // behind a long queue keeps one queued event, not one per place it moved up;
 // live subscribers still get each position, and a resume still works.
 func TestHubRingKeepsOnlyTheLatestPosition(t *testing.T) {
-	h := NewHub()
+	h := New()
 	first := h.Publish("j", schema.Event{Type: schema.EventQueued, Position: ptr(500)})
 	ch, cancel, err := h.Subscribe("j", first.Seq, false, func() (*schema.Job, error) {
 		t.Fatal("snapshot built although the events are buffered")
@@ -273,7 +273,7 @@ func TestHubRingKeepsOnlyTheLatestPosition(t *testing.T) {
 // the events before it, not a backlog of stale values; nothing but stale
 // progress is left out.
 func TestHubSlowSubscriberGetsLatestProgress(t *testing.T) {
-	h := NewHub()
+	h := New()
 	ch, cancel, err := h.Subscribe("j", 0, false, snap(schema.JobRunning))
 	if err != nil {
 		t.Fatal(err)
@@ -321,3 +321,5 @@ func TestHubSlowSubscriberGetsLatestProgress(t *testing.T) {
 		t.Fatalf("executed %v, last values %v", executed, last)
 	}
 }
+
+func ptr[T any](v T) *T { return &v }

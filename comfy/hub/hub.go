@@ -1,4 +1,4 @@
-package dispatch
+package hub
 
 import (
 	"context"
@@ -24,7 +24,7 @@ type Hub struct {
 	// bus, when set (several replicas), numbers and carries every event:
 	// Publish hands events to it, and they come back to every replica's hub
 	// through Deliver. Only jobs followed here have a stream here.
-	bus          EventBus
+	bus          Bus
 	busDownUntil atomic.Int64 // unix ns: until then the bus is not read (a read failed)
 
 	// RingSize is how many recent events a job keeps for resumption.
@@ -36,8 +36,8 @@ type Hub struct {
 	NowFunc func() time.Time
 }
 
-// NewHub makes a hub with sensible bounds.
-func NewHub() *Hub {
+// New makes a hub with sensible bounds.
+func New() *Hub {
 	return &Hub{
 		streams:   make(map[string]*jobStream),
 		RingSize:  256,
@@ -47,17 +47,17 @@ func NewHub() *Hub {
 	}
 }
 
-// EventBus carries events between replicas; see cluster.Redis.
-type EventBus interface {
+// Bus carries events between replicas; see cluster.Redis.
+type Bus interface {
 	// PublishEvent numbers ev and relays it to every replica; it never blocks.
 	PublishEvent(jobID string, ev schema.Event)
 	// EventsAfter returns the job's kept events numbered after seq, in order.
 	EventsAfter(ctx context.Context, jobID string, after int64) ([]schema.Event, error)
 }
 
-// NewBusHub makes a hub whose events are numbered and carried by bus.
-func NewBusHub(bus EventBus) *Hub {
-	h := NewHub()
+// NewBus makes a hub whose events are numbered and carried by bus.
+func NewBus(bus Bus) *Hub {
+	h := New()
 	h.bus = bus
 	return h
 }

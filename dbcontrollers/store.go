@@ -212,6 +212,27 @@ func (s *Store) JobIDsByState(ctx context.Context, state schema.JobState) ([]str
 	return ids, nil
 }
 
+// JobIDsEnded returns those of ids whose jobs have ended (succeeded, failed
+// or cancelled), in no order; unknown ids are left out.
+func (s *Store) JobIDsEnded(ctx context.Context, ids []string) ([]string, error) {
+	var ended []string
+	for len(ids) > 0 {
+		chunk := ids[:min(len(ids), 500)]
+		ids = ids[len(chunk):]
+		q, args, err := sqlx.In("SELECT id FROM jobs WHERE id IN (?) AND state IN (?)", chunk,
+			[]string{string(schema.JobSucceeded), string(schema.JobFailed), string(schema.JobCancelled)})
+		if err != nil {
+			return nil, err
+		}
+		var got []string
+		if err := sqlx.SelectContext(ctx, s.db, &got, q, args...); err != nil {
+			return nil, fmt.Errorf("list ended jobs: %w", interpretError(err))
+		}
+		ended = append(ended, got...)
+	}
+	return ended, nil
+}
+
 // JobListByState returns every job in one of the states, oldest first.
 func (s *Store) JobListByState(ctx context.Context, states ...schema.JobState) ([]schema.Job, error) {
 	if len(states) == 0 {

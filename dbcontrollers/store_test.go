@@ -813,3 +813,37 @@ func TestNodeCRUD(t *testing.T) {
 		}
 	})
 }
+
+// JobIDsEnded picks the ended jobs out of a list longer than one query's
+// chunk, leaving out queued and unknown ids.
+func TestJobIDsEnded(t *testing.T) {
+	dbtest.Each(t, func(t *testing.T, cfg dbcontrollers.Config) {
+		ctx := testContext(t)
+		s := openStore(t, cfg)
+		var ids []string
+		want := map[string]bool{}
+		for i := range 1100 {
+			j := mustInsert(t, s, newJob("alpha", "u", 0))
+			ids = append(ids, j.ID)
+			if i%100 == 7 {
+				if _, err := s.JobUpdate(ctx, dbcontrollers.JobCancelQueued(j.ID, time.Now())); err != nil {
+					t.Fatal(err)
+				}
+				want[j.ID] = true
+			}
+		}
+		ids = append(ids, "01NOSUCHJOB0000000000000000")
+		got, err := s.JobIDsEnded(ctx, ids)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != len(want) {
+			t.Fatalf("%d ended ids, want %d", len(got), len(want))
+		}
+		for _, id := range got {
+			if !want[id] {
+				t.Fatalf("%s is not ended", id)
+			}
+		}
+	})
+}

@@ -1,8 +1,10 @@
 package server
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -24,6 +26,7 @@ type principal struct {
 type keyEntry struct {
 	digest [sha256.Size]byte
 	who    principal
+	rateID string // names the key's shared rate limits; see rateIDs
 }
 
 // keyring holds the SHA-256 digests of every key. A presented key is hashed
@@ -65,6 +68,19 @@ func newKeyring(adminKey string, frontendKeys map[string][]string) (*keyring, er
 		}
 	}
 	return k, nil
+}
+
+// rateIDs names each key's rate limits where replicas share them (Redis):
+// an HMAC of the key's digest under the secret all replicas share, so the
+// same key has the same name on every replica and its name does not reveal
+// it, even a weak one, to whoever reads Redis.
+func (k *keyring) rateIDs(secret []byte) {
+	for i := range k.entries {
+		m := hmac.New(sha256.New, secret)
+		m.Write([]byte("rate limit\x00"))
+		m.Write(k.entries[i].digest[:])
+		k.entries[i].rateID = hex.EncodeToString(m.Sum(nil)[:16])
+	}
 }
 
 // lookup finds the principal of a presented key.

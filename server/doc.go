@@ -26,7 +26,10 @@
 // authentication, so an unknown key is 401 and never 429. Beyond the limit a
 // request gets 429 rate_limited with Retry-After and
 // details.retry_after_seconds. The admin key, event streams followed with a
-// token, and the routes outside /api/v1 are not limited.
+// token, and the routes outside /api/v1 are not limited. With Deps.Rates
+// (replicas on one Redis) the count is the farm's: each key's budget is
+// spent on whichever replica, and a replica counts alone only while the
+// shared count does not answer.
 //
 // Errors leave through one ErrorHandler that maps schema sentinels,
 // *schema.ValidationError and Fiber errors to {"error":{"code","message",

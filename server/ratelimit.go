@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"net/http"
@@ -12,6 +13,22 @@ import (
 	"golang.org/x/time/rate"
 )
 
+// SharedRates counts rate limits across replicas (cluster.Redis does).
+type SharedRates interface {
+	// Allow spends one of key's perMinute requests a minute (a burst of
+	// perMinute) and says whether it could, and if not, how long until it
+	// may. An error says the count could not be reached.
+	Allow(ctx context.Context, key string, perMinute int) (ok bool, wait time.Duration, err error)
+}
+
+// sharedRatesTimeout bounds one call to the shared count: past it (or after
+// an error) the replica decides alone, and keeps deciding alone for
+// sharedRatesBackoff, so that an absent Redis adds no wait to requests.
+const (
+	sharedRatesTimeout = 250 * time.Millisecond
+	sharedRatesBackoff = 5 * time.Second
+)
+
 // limitKind names what a bucket counts.
 type limitKind uint8
 
@@ -20,6 +37,14 @@ const (
 	limitSubmits                   // POST /jobs (Config.SubmitPerMinute)
 	limitKinds
 )
+
+// prefix names the kind in a shared rate limit's key.
+func (k limitKind) prefix() string {
+	if k == limitSubmits {
+		return "rate:sub:"
+	}
+	return "rate:req:"
+}
 
 func (k limitKind) String() string {
 	if k == limitSubmits {
@@ -117,12 +142,18 @@ func (l *limiter) size() int {
 }
 
 // limit spends one token of who's bucket of kind, or answers 429 rate_limited
-// with Retry-After. The admin key is never limited.
+// with Retry-After. The admin key is never limited. With replicas sharing a
+// count (Deps.Rates) the key's budget is the farm's, not each replica's;
+// while the count cannot be reached each replica keeps its own, so the API
+// never waits on it nor goes unlimited.
 func (s *Server) limit(c *fiber.Ctx, who principal, kind limitKind) error {
-	if who.admin {
+	if who.admin || s.limiter.perMinute[kind] <= 0 {
 		return nil
 	}
-	ok, wait := s.limiter.allow(who.key, kind, s.cfg.NowFunc())
+	ok, wait, shared := s.allowShared(c.UserContext(), who, kind)
+	if !shared {
+		ok, wait = s.limiter.allow(who.key, kind, s.cfg.NowFunc())
+	}
 	if ok {
 		return nil
 	}
@@ -134,6 +165,23 @@ func (s *Server) limit(c *fiber.Ctx, who principal, kind limitKind) error {
 	return newAPIError(http.StatusTooManyRequests, "rate_limited",
 		fmt.Sprintf("rate limit exceeded: this key may make %d %s per minute", s.limiter.perMinute[kind], kind)).
 		with("retry_after_seconds", secs)
+}
+
+// allowShared asks the shared count, unless there is none or it failed
+// within the last sharedRatesBackoff; shared is false when it did not answer.
+func (s *Server) allowShared(ctx context.Context, who principal, kind limitKind) (ok bool, wait time.Duration, shared bool) {
+	if s.deps.Rates == nil || time.Now().UnixNano() < s.ratesDownUntil.Load() {
+		return false, 0, false
+	}
+	ctx, cancel := context.WithTimeout(ctx, sharedRatesTimeout)
+	defer cancel()
+	ok, wait, err := s.deps.Rates.Allow(ctx, kind.prefix()+s.keys.entries[who.key].rateID, s.limiter.perMinute[kind])
+	if err != nil {
+		s.ratesDownUntil.Store(time.Now().Add(sharedRatesBackoff).UnixNano())
+		s.log.Warn("shared rate limits unreachable, this replica counts alone for a while", "backoff", sharedRatesBackoff, "err", err)
+		return false, 0, false
+	}
+	return ok, wait, true
 }
 
 // limitSubmit follows authenticate on POST /jobs: the key's submit limit.

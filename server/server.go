@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -145,6 +146,7 @@ type Deps struct {
 	Samples   *Sampler             // the dashboard's charts; nil: empty charts
 	Templates TemplateStore        // workflow templates; nil: their routes answer 503
 	Webhooks  WebhookService       // job webhooks; nil: webhook_url refused, no deliveries listed
+	Rates     SharedRates          // rate limits counted across replicas; nil: this process counts alone
 }
 
 // Server is the HTTP application.
@@ -154,10 +156,13 @@ type Server struct {
 	deps    Deps
 	keys    *keyring
 	limiter *limiter
-	tokens  *tokenSigner
-	metrics *httpMetrics
-	proxies proxySet // trusted reverse proxies
-	app     *fiber.App
+	// ratesDownUntil (unix ns): until then the shared rate count is not
+	// asked (it failed); the replica's own buckets decide.
+	ratesDownUntil atomic.Int64
+	tokens         *tokenSigner
+	metrics        *httpMetrics
+	proxies        proxySet // trusted reverse proxies
+	app            *fiber.App
 
 	wsUpgrade fiber.Handler
 
@@ -224,6 +229,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
+	keys.rateIDs(cfg.TokenSecret)
 	s := &Server{
 		cfg:     cfg,
 		log:     deps.Logger,

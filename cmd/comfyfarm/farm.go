@@ -54,7 +54,7 @@ func (a *app) openFarm(ctx context.Context) error {
 			return err
 		}
 		a.closers = append(a.closers, bus.Close)
-		fc.Bus = bus
+		fc.Bus, a.bus = bus, bus
 	}
 	farm := dispatch.NewFarm(fc, store, a.registry, a.store, nodes)
 	for _, c := range append(nodes.Collectors(), farm.Collectors()...) {

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/comfyfarm/comfyfarm/comfy/cluster"
 	"github.com/comfyfarm/comfyfarm/comfy/dispatch"
 	"github.com/comfyfarm/comfyfarm/dbcontrollers"
 	"github.com/comfyfarm/comfyfarm/oss"
@@ -75,6 +76,7 @@ type app struct {
 	store    oss.Store
 	local    *oss.Local // set when storage.kind is local
 	farm     *dispatch.Farm
+	bus      *cluster.Redis // set when replicas share a Redis (cluster.redis_url)
 	// controlStore is the control database's store, shared by the farm and
 	// the webhook deliverer.
 	controlStore   *dbcontrollers.Store
@@ -160,6 +162,9 @@ func buildApp(ctx context.Context, cfg *Config, log *slog.Logger, out io.Writer)
 	}
 	if a.farm != nil {
 		deps.Scheduler = a.farm
+	}
+	if a.bus != nil {
+		deps.Rates = a.bus // rate limits count once for all replicas
 	}
 	// The dashboard's charts: a sample of the farm every
 	// dashboard.sample_interval, kept in memory, run beside the farm.

@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/comfyfarm/comfyfarm/schema"
@@ -64,6 +65,7 @@ type Redis struct {
 	o      Options
 	log    *slog.Logger
 	script *redis.Script
+	rates  *redis_rate.Limiter
 
 	mu      sync.Mutex
 	pending []outgoing    // events waiting to be added, in order
@@ -159,7 +161,8 @@ func New(ctx context.Context, c *redis.Client, o Options) (*Redis, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	r := &Redis{c: c, o: o, log: o.Logger.With("component", "cluster"), script: redis.NewScript(publishScript), wake: make(chan struct{}, 1)}
+	r := &Redis{c: c, o: o, log: o.Logger.With("component", "cluster"), script: redis.NewScript(publishScript), wake: make(chan struct{}, 1),
+		rates: redis_rate.NewLimiter(c)}
 	r.flushed = sync.NewCond(&r.mu)
 	if err := c.Ping(ctx).Err(); err != nil {
 		c.Close()

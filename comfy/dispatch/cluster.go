@@ -505,11 +505,37 @@ func (f *Farm) followLoop(ctx context.Context) {
 			}
 		case <-slow.C:
 			f.hub.GC()
+			f.settleStreams(ctx)
 			if !f.leading() {
 				f.nodesChanged(ctx)
 				f.followCatalogues(ctx)
 			}
 		}
+	}
+}
+
+// settleStreams ends the streams followed here of jobs that ended without
+// their terminal event: a replica that wrote a job's end and died before its
+// queue sent the event to the bus leaves the job's subscribers waiting on
+// every replica. The database says how the job ended; restated, that end
+// closes the stream everywhere (the bus keeps the first terminal event of a
+// job and nothing after it, so a late original adds nothing).
+func (f *Farm) settleStreams(ctx context.Context) {
+	ids := f.hub.Unsettled(f.cfg.LeaderLease)
+	if len(ids) == 0 {
+		return
+	}
+	ended, err := f.db.JobIDsEnded(ctx, ids)
+	if err != nil {
+		return // the next round asks again
+	}
+	for _, id := range ended {
+		job, err := f.db.JobGet(ctx, id)
+		if err != nil || !job.State.Terminal() {
+			continue
+		}
+		f.log.Warn("job ended without its terminal event reaching the bus; restated from the database", "job_id", id, "state", job.State)
+		f.hub.Publish(id, hub.Ended(job))
 	}
 }
 

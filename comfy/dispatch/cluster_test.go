@@ -34,7 +34,7 @@ type replicaFarm struct {
 	done   chan struct{}
 }
 
-func startReplicaFarm(t *testing.T, id string, dbcfg dbcontrollers.Config, redisURL, prefix string, reg *dbcontrollers.Registry, storage oss.Store, node *comfytest.Server) *replicaFarm {
+func startReplicaFarm(t *testing.T, id string, dbcfg dbcontrollers.Config, redisURL, prefix string, reg *dbcontrollers.Registry, storage oss.Store, node *comfytest.Server, opts ...func(*FarmConfig)) *replicaFarm {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	control, err := dbcontrollers.OpenControl(ctx, dbcfg)
@@ -53,11 +53,15 @@ func startReplicaFarm(t *testing.T, id string, dbcfg dbcontrollers.Config, redis
 		t.Fatal(err)
 	}
 	r := &replicaFarm{cancel: cancel, done: make(chan struct{})}
-	f := NewFarm(FarmConfig{
+	cfg := FarmConfig{
 		InstanceID: id, Bus: bus, Leases: store, LeaderLease: time.Second,
 		StallTimeout: 2 * time.Second, ReconcileEvery: 150 * time.Millisecond, Lease: 3 * time.Second,
 		HistoryWait: 5 * time.Second, Logger: testLogger().With("replica", id),
-	}, store, reg, storage, nodes)
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	f := NewFarm(cfg, store, reg, storage, nodes)
 	f.leaseHook = func() bool { return !r.paused.Load() }
 	f.sig = newTestSignals()
 	r.farm = f
@@ -404,5 +408,87 @@ func TestClusterDatabaseOutage(t *testing.T) {
 	_, total, err := ctrl.PhotoList(ctx, ctrl.DB(), dbcontrollers.PhotoFilter{UserID: "u", Page: 1, Limit: 50})
 	if err != nil || total != jobs {
 		t.Errorf("photos: %d, %v; want %d", total, err, jobs)
+	}
+}
+
+// losesTerminals is a replica's bus whose terminal events never reach Redis,
+// as when the replica dies between the job's end in the database and its
+// queue's write of the event.
+type losesTerminals struct {
+	Bus
+	lost atomic.Int64
+}
+
+func (b *losesTerminals) PublishEvent(jobID string, ev schema.Event) {
+	if ev.Type.Terminal() {
+		b.lost.Add(1)
+		return
+	}
+	b.Bus.PublishEvent(jobID, ev)
+}
+
+// A job's end written by the leader whose terminal event never reached the
+// bus: the follower's subscriber still gets the end, restated from the
+// database, with the job's outputs, and the stream closes.
+func TestClusterLostTerminalEventIsRestated(t *testing.T) {
+	dbcfg := dbtest.MySQL(t)
+	redisURL, prefix := redistest.URL(t)
+	ctx := context.Background()
+	reg, err := dbcontrollers.NewRegistry(ctx, dbcfg, []dbcontrollers.FrontendConfig{{Name: "style", Controller: "style", InitialCredits: 5, CostPerJob: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	local, err := oss.NewLocal(oss.LocalConfig{Dir: t.TempDir(), BaseURL: "http://127.0.0.1:1/files/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := comfytest.NewServer(sdOptions())
+	t.Cleanup(node.Close)
+
+	var lossy *losesTerminals
+	a := startReplicaFarm(t, "a", dbcfg, redisURL, prefix, reg, local, node, func(c *FarmConfig) {
+		lossy = &losesTerminals{Bus: c.Bus}
+		c.Bus = lossy
+	})
+	eventually(t, 10*time.Second, "a leads", func() bool { return a.farm.leading() })
+	b := startReplicaFarm(t, "b", dbcfg, redisURL, prefix, reg, local, node)
+	eventually(t, 10*time.Second, "b follows a", func() bool {
+		role, leader := b.farm.Role()
+		return role == RoleFollower && leader == "a"
+	})
+
+	node.Hold()
+	j, err := b.farm.Submit(ctx, schema.SubmitParams{Frontend: "style", UserID: "u", Workflow: sdGraph(ckptXL, 2, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, cancel, err := b.farm.Subscribe(ctx, j.ID, 0, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	eventually(t, 10*time.Second, "the job on the node", func() bool { return len(node.Stats().Pending) == 1 })
+	node.Release()
+
+	timeout := time.After(20 * time.Second)
+	var last schema.Event
+	for done := false; !done; {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				done = true
+				break
+			}
+			last = ev
+		case <-timeout:
+			t.Fatalf("no terminal event 20 s after the job was released; last %s (%d terminal events lost)", last.Type, lossy.lost.Load())
+		}
+	}
+	if last.Type != schema.EventSucceeded || len(last.Outputs) != 1 {
+		t.Fatalf("the stream ended with %s and %d outputs, want succeeded with 1", last.Type, len(last.Outputs))
+	}
+	if lossy.lost.Load() == 0 {
+		t.Fatal("the leader published no terminal event to lose: the test tested nothing")
 	}
 }

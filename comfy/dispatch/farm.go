@@ -121,6 +121,7 @@ type JobStore interface {
 	JobList(ctx context.Context, f schema.JobFilter) ([]schema.Job, error)
 	JobListByState(ctx context.Context, states ...schema.JobState) ([]schema.Job, error)
 	JobIDsByState(ctx context.Context, state schema.JobState) ([]string, error)
+	JobIDsEnded(ctx context.Context, ids []string) ([]string, error)
 	JobClaim(ctx context.Context, p dbcontrollers.ClaimParams) (*schema.Job, error)
 	JobUpdate(ctx context.Context, u dbcontrollers.JobUpdate) (*schema.Job, error)
 	JobExtendLease(ctx context.Context, owner string, ids []string, until time.Time) (int, error)

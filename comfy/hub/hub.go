@@ -579,6 +579,31 @@ func (sub *subscriber) forward() {
 	}
 }
 
+// Unsettled lists the jobs followed here whose stream has subscribers, has
+// not ended, and has had no event for quiet. With a bus their terminal event
+// may have been lost: events reach the bus after the database write, from
+// the publishing replica's queue, and a replica that dies in between takes
+// them with it.
+func (h *Hub) Unsettled(quiet time.Duration) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	cut := h.NowFunc().Add(-quiet)
+	var ids []string
+	for id, s := range h.streams {
+		if !s.terminal && len(s.subs) > 0 && s.lastAt.Before(cut) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// Ended restates a finished job's end as its terminal event, for Publish.
+func Ended(job *schema.Job) schema.Event {
+	ev := terminalEvent(job, 0, time.Now())
+	ev.Seq = 0
+	return ev
+}
+
 // Subscribers counts live subscribers of a job.
 func (h *Hub) Subscribers(jobID string) int {
 	h.mu.Lock()

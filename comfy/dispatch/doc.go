@@ -169,7 +169,9 @@
 // (one Redis Stream per job, numbered by a script, relayed by pub/sub), so
 // whichever replica publishes, every subscriber sees one order and resumes
 // anywhere; the hub of each replica keeps only the streams followed on it
-// and fills gaps from the bus. A submit or cancel taken by a follower, and
+// and fills gaps from the bus. An event is sent after its database write,
+// from a queue; a stream left open because its job's end died with a
+// replica is ended from the database (settleStreams, once a lease). A submit or cancel taken by a follower, and
 // node registrations changed anywhere, are announced by notices; the leader
 // also looks for queued jobs it does not hold every ReconcileEvery, in case
 // a notice was lost. Followers answer positions and progress from the

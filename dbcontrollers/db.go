@@ -268,10 +268,8 @@ func openSQLite(ctx context.Context, cfg Config, name string) (*DB, error) {
 		"_pragma=foreign_keys(1)",
 		"_txlock=immediate",
 	}, "&")
-	x, err := sqlx.Open("sqlite", dsn)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: open %s: %w", file, err)
-	}
+	x := sqlx.NewDb(sql.OpenDB(&stmtCachingConnector{dsn: dsn, drv: &sqlite.Driver{}}), "sqlite")
+	var err error
 	x.SetMaxOpenConns(sqliteMaxOpenConns)
 	x.SetMaxIdleConns(sqliteMaxOpenConns)
 	db := &DB{DB: x, Dialect: DialectSQLite, Name: file}

@@ -109,6 +109,8 @@ func TestFarmMetricsAfterMixedJobs(t *testing.T) {
 	finished := func(outcome, code string) float64 {
 		return testutil.ToFloat64(e.farm.metrics.finished.WithLabelValues("alpha", outcome, code))
 	}
+	// A job is counted just after its end is written, which waitState sees.
+	e.eventually(5*time.Second, "the last job counted", func() bool { return finished("succeeded", "") >= 3 })
 	for _, c := range []struct {
 		outcome, code string
 		want          float64

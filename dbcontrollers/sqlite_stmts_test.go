@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"modernc.org/sqlite"
 )
@@ -125,5 +126,25 @@ func TestSingleStatement(t *testing.T) {
 		if got := singleStatement(q); got != want {
 			t.Errorf("singleStatement(%q) = %v, want %v", q, got, want)
 		}
+	}
+}
+
+// A statement whose run was interrupted (its context ended) runs again.
+func TestStmtCacheAfterInterrupt(t *testing.T) {
+	db := openCachingSQLite(t)
+	const q = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT COUNT(*) FROM c"
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Millisecond)
+	defer cancel()
+	var n int
+	if err := db.QueryRowContext(ctx, q, 100_000_000).Scan(&n); err == nil {
+		t.Fatalf("counted to %d within 5 ms: the interrupt was not tested", n)
+	}
+	for _, want := range []int{10, 1000} {
+		if err := db.QueryRowContext(context.Background(), q, want).Scan(&n); err != nil || n != want {
+			t.Fatalf("after the interrupt: %d, %v; want %d", n, err, want)
+		}
+	}
+	if _, err := db.ExecContext(context.Background(), "CREATE TABLE t (x)"); err != nil {
+		t.Fatal(err)
 	}
 }

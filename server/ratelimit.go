@@ -173,10 +173,13 @@ func (s *Server) allowShared(ctx context.Context, who principal, kind limitKind)
 	if s.deps.Rates == nil || time.Now().UnixNano() < s.ratesDownUntil.Load() {
 		return false, 0, false
 	}
-	ctx, cancel := context.WithTimeout(ctx, sharedRatesTimeout)
+	cctx, cancel := context.WithTimeout(ctx, sharedRatesTimeout)
 	defer cancel()
-	ok, wait, err := s.deps.Rates.Allow(ctx, kind.prefix()+s.keys.entries[who.key].rateID, s.limiter.perMinute[kind])
+	ok, wait, err := s.deps.Rates.Allow(cctx, kind.prefix()+s.keys.entries[who.key].rateID, s.limiter.perMinute[kind])
 	if err != nil {
+		if ctx.Err() != nil {
+			return false, 0, false // the request ended, not the count
+		}
 		s.ratesDownUntil.Store(time.Now().Add(sharedRatesBackoff).UnixNano())
 		s.log.Warn("shared rate limits unreachable, this replica counts alone for a while", "backoff", sharedRatesBackoff, "err", err)
 		return false, 0, false

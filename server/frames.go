@@ -45,9 +45,13 @@ func newFrameCache() *frameCache {
 	return &frameCache{byKey: make(map[frameKey]*frame, frameCacheSize), order: make([]frameKey, 0, frameCacheSize)}
 }
 
-// shared reports whether ev encodes the same for every subscriber.
+// shared reports whether ev encodes the same for every subscriber and is
+// named by its job and number alone. Previews are not: with several
+// replicas the bus gives a preview the number of the event before it (a
+// preview is relayed, never kept), so previews and that event would share
+// a key.
 func shared(ev schema.Event) bool {
-	return ev.Job == nil && len(ev.Outputs) == 0 && ev.Type != schema.EventKeepAlive
+	return ev.Job == nil && len(ev.Outputs) == 0 && ev.Type != schema.EventKeepAlive && ev.Type != schema.EventPreview
 }
 
 // get returns ev's frame, encoding it on first use.

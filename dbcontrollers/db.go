@@ -545,3 +545,37 @@ func inTxRetryOpts(ctx context.Context, db *DB, opts *sql.TxOptions, fn func(tx 
 	}
 	return err
 }
+
+// DropPrefix drops the MySQL database named prefix and every <prefix>_*
+// database (a test's or a benchmark's control and frontend databases) on
+// the server of dsn.
+func DropPrefix(dsn, prefix string) error {
+	if !ValidDatabaseName(prefix) {
+		return fmt.Errorf("bad prefix %q", prefix)
+	}
+	mc, err := mysqlConfig(dsn, "")
+	if err != nil {
+		return err
+	}
+	mc.Timeout = 3 * time.Second
+	conn, err := mysql.NewConnector(mc)
+	if err != nil {
+		return err
+	}
+	db := sql.OpenDB(conn)
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var names []string
+	if err := sqlx.SelectContext(ctx, sqlx.NewDb(db, "mysql"), &names, "SHOW DATABASES LIKE '"+strings.ReplaceAll(prefix, "_", `\_`)+"%'"); err != nil {
+		return err
+	}
+	for _, n := range names {
+		if ValidDatabaseName(n) && (n == prefix || strings.HasPrefix(n, prefix+"_")) {
+			if _, err := db.ExecContext(ctx, "DROP DATABASE IF EXISTS "+quoteIdent(n)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -358,8 +358,15 @@ func (s *Store) finalWebhook(ctx context.Context, tx sqlx.ExtContext, u JobUpdat
 	return s.webhookEnqueue(ctx, tx, job)
 }
 
-// leasedStates are the states that hold a node and so carry a lease.
-var leasedStates = []string{string(schema.JobDispatched), string(schema.JobRunning), string(schema.JobStoring)}
+// leasedStates are ActiveStates as the queries bind them: the states that
+// hold a node and so carry a lease.
+var leasedStates = func() []string {
+	out := make([]string, len(ActiveStates))
+	for i, st := range ActiveStates {
+		out[i] = string(st)
+	}
+	return out
+}()
 
 // leaseBatch bounds the ids of one statement.
 const leaseBatch = 500
@@ -395,6 +402,15 @@ func (s *Store) JobExtendLease(ctx context.Context, owner string, ids []string, 
 // changed rows, so there the leases now held are counted in the same
 // transaction.
 func (s *Store) extendLeases(ctx context.Context, q string, args []any, owner string, ids []string, until time.Time) (int, error) {
+	if !s.mysql() && s.fence == 0 {
+		// One statement, nothing to check it against: no transaction.
+		res, err := s.db.ExecContext(ctx, q, args...)
+		if err != nil {
+			return 0, interpretError(err)
+		}
+		n, err := res.RowsAffected()
+		return int(n), err
+	}
 	if !s.mysql() {
 		var n int64
 		err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {

@@ -64,10 +64,11 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 	if name == "" || holder == "" || ttl <= 0 {
 		return Leadership{}, schema.Invalid("lease", "name, holder and a positive ttl are required")
 	}
-	if epoch == 0 {
+	if _, known := s.seeded.Load(name); epoch == 0 && !known {
 		// Seed the row, free, before locking it: on MySQL a locking read of a
 		// missing row takes a gap lock, and replicas racing to insert under
-		// theirs deadlock. An existing row is left as it is.
+		// theirs deadlock. An existing row is left as it is, and rows are
+		// never deleted: once per store is enough.
 		seed := "INSERT IGNORE INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, '', 0, 0)"
 		if !s.mysql() {
 			seed = "INSERT INTO leader_lease (name, holder, epoch, expires_ms) VALUES (?, '', 0, 0) ON CONFLICT (name) DO NOTHING"
@@ -75,6 +76,7 @@ func (s *Store) LeaderAcquire(ctx context.Context, name, holder string, ttl time
 		if _, err := s.db.ExecContext(ctx, seed, name); err != nil {
 			return Leadership{}, fmt.Errorf("leader lease %s: %w", name, interpretError(err))
 		}
+		s.seeded.Store(name, true)
 	}
 	var out Leadership
 	err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {

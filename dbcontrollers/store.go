@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -35,10 +36,13 @@ type Store struct {
 	// fence, when not 0, is the scheduler lease epoch every job write is
 	// checked against (see Fenced).
 	fence int64
+	// seeded holds the names of the lease rows known to exist (see
+	// LeaderAcquire); shared by the store's fenced views.
+	seeded *sync.Map
 }
 
 // NewStore returns the store of an open control database.
-func NewStore(db *DB) *Store { return &Store{db: db} }
+func NewStore(db *DB) *Store { return &Store{db: db, seeded: &sync.Map{}} }
 
 // DB returns the control database.
 func (s *Store) DB() *DB { return s.db }

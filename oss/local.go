@@ -186,7 +186,7 @@ func (l *Local) Put(ctx context.Context, key string, r io.Reader, size int64, co
 	}()
 	tmpMeta := ""
 	if !attr {
-		if tmpMeta, _, err = l.writeTemp(ctx, strings.NewReader(string(meta)), false); err != nil {
+		if tmpMeta, err = l.writeTemp(ctx, strings.NewReader(string(meta))); err != nil {
 			return fmt.Errorf("local put %s: %w", key, err)
 		}
 		defer func() { _ = l.root.Remove(tmpMeta) }()
@@ -264,26 +264,23 @@ func (l *Local) place(tmp, key string) error {
 	return l.root.Rename(tmp, key)
 }
 
-// writeTemp copies r into a new file under .tmp, synced if asked, and returns
-// its name and length.
-func (l *Local) writeTemp(ctx context.Context, r io.Reader, sync bool) (name string, n int64, err error) {
+// writeTemp copies r into a new file under .tmp (not synced) and returns
+// its name.
+func (l *Local) writeTemp(ctx context.Context, r io.Reader) (name string, err error) {
 	name = localTmpDir + "/" + rand.Text()
 	f, err := l.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return "", 0, err
+		return "", err
 	}
-	n, err = io.Copy(f, ctxReader{ctx, r})
-	if err == nil && sync {
-		err = f.Sync()
-	}
+	_, err = io.Copy(f, ctxReader{ctx, r})
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
 		_ = l.root.Remove(name)
-		return "", 0, err
+		return "", err
 	}
-	return name, n, nil
+	return name, nil
 }
 
 // errNoXattr: the file system keeps no extended attributes.
@@ -369,18 +366,15 @@ func (l *Local) Open(key string) (*os.File, ObjectInfo, error) {
 		return nil, ObjectInfo{}, fmt.Errorf("local open %s: file changed while opening", key)
 	}
 	info := ObjectInfo{Size: st.Size(), ContentType: contentTypeFor(key, "")}
-	if b := metaAttr(f); b != nil {
-		var m localMeta
-		if json.Unmarshal(b, &m) == nil && m.Size == st.Size() {
-			info.ContentType, info.ETag = contentTypeFor(key, m.ContentType), m.ETag
-		}
-	} else if b, err := l.root.ReadFile(metaName(key)); err == nil {
-		var m localMeta
-		// A sidecar whose size disagrees is from another write of this key
-		// (a crash or a race between the two renames): ignore it.
-		if json.Unmarshal(b, &m) == nil && m.Size == st.Size() {
-			info.ContentType, info.ETag = contentTypeFor(key, m.ContentType), m.ETag
-		}
+	b := metaAttr(f)
+	if b == nil {
+		b, _ = l.root.ReadFile(metaName(key)) // the sidecar, where no attribute is kept
+	}
+	var m localMeta
+	// Metadata whose size disagrees is from another write of this key (a
+	// crash or a race between the two renames of a sidecar): ignore it.
+	if b != nil && json.Unmarshal(b, &m) == nil && m.Size == st.Size() {
+		info.ContentType, info.ETag = contentTypeFor(key, m.ContentType), m.ETag
 	}
 	return f, info, nil
 }
@@ -432,7 +426,7 @@ func (l *Local) Ping(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	name, _, err := l.writeTemp(ctx, strings.NewReader("ping"), false)
+	name, err := l.writeTemp(ctx, strings.NewReader("ping"))
 	if err != nil {
 		return fmt.Errorf("local store %s: %w", l.dir, err)
 	}

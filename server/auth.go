@@ -24,9 +24,9 @@ type principal struct {
 }
 
 type keyEntry struct {
-	digest [sha256.Size]byte
-	who    principal
-	rateID string // names the key's shared rate limits; see rateIDs
+	digest   [sha256.Size]byte
+	who      principal
+	rateKeys [limitKinds]string // the key's shared rate limits, by kind; see rateIDs
 }
 
 // keyring holds the SHA-256 digests of every key. A presented key is hashed
@@ -79,7 +79,8 @@ func (k *keyring) rateIDs(secret []byte) {
 		m := hmac.New(sha256.New, secret)
 		m.Write([]byte("rate limit\x00"))
 		m.Write(k.entries[i].digest[:])
-		k.entries[i].rateID = hex.EncodeToString(m.Sum(nil)[:16])
+		id := hex.EncodeToString(m.Sum(nil)[:16])
+		k.entries[i].rateKeys = [limitKinds]string{limitRequests: "rate:req:" + id, limitSubmits: "rate:sub:" + id}
 	}
 }
 

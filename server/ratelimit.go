@@ -38,14 +38,6 @@ const (
 	limitKinds
 )
 
-// prefix names the kind in a shared rate limit's key.
-func (k limitKind) prefix() string {
-	if k == limitSubmits {
-		return "rate:sub:"
-	}
-	return "rate:req:"
-}
-
 func (k limitKind) String() string {
 	if k == limitSubmits {
 		return "job submissions"
@@ -175,7 +167,7 @@ func (s *Server) allowShared(ctx context.Context, who principal, kind limitKind)
 	}
 	cctx, cancel := context.WithTimeout(ctx, sharedRatesTimeout)
 	defer cancel()
-	ok, wait, err := s.deps.Rates.Allow(cctx, kind.prefix()+s.keys.entries[who.key].rateID, s.limiter.perMinute[kind])
+	ok, wait, err := s.deps.Rates.Allow(cctx, s.keys.entries[who.key].rateKeys[kind], s.limiter.perMinute[kind])
 	if err != nil {
 		if ctx.Err() != nil {
 			return false, 0, false // the request ended, not the count

@@ -229,7 +229,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	keys.rateIDs(cfg.TokenSecret)
+	if deps.Rates != nil {
+		keys.rateIDs(cfg.TokenSecret)
+	}
 	s := &Server{
 		cfg:     cfg,
 		log:     deps.Logger,

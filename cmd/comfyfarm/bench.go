@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,7 +22,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/go-sql-driver/mysql"
 	"github.com/gorilla/websocket"
 
 	"github.com/comfyfarm/comfyfarm/comfy/comfytest"
@@ -195,7 +193,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		if o.db == "mysql" {
 			prefix := fmt.Sprintf("comfyfarm_bench_%d", time.Now().UnixNano())
 			defer func() {
-				if err := dropDatabases(o.mysqlDSN, prefix); err != nil {
+				if err := dbcontrollers.DropPrefix(o.mysqlDSN, prefix); err != nil {
 					fmt.Fprintf(e.stderr, "bench: drop databases %s*: %v\n", prefix, err)
 				}
 			}()
@@ -570,45 +568,3 @@ func pct(sorted []time.Duration, p int) time.Duration {
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }
-
-// dropDatabases drops the MySQL databases a bench run made: prefix and
-// prefix_<frontend>.
-func dropDatabases(dsn, prefix string) error {
-	mc, err := mysql.ParseDSN(dsn)
-	if err != nil {
-		return err
-	}
-	mc.DBName = ""
-	db, err := sql.Open("mysql", mc.FormatDSN())
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	rows, err := db.QueryContext(ctx, "SHOW DATABASES LIKE '"+strings.ReplaceAll(prefix, "_", `\_`)+"%'")
-	if err != nil {
-		return err
-	}
-	var names []string
-	for rows.Next() {
-		var n string
-		if err := rows.Scan(&n); err != nil {
-			rows.Close()
-			return err
-		}
-		if dbcontrollers.ValidDatabaseName(n) && (n == prefix || strings.HasPrefix(n, prefix+"_")) {
-			names = append(names, n)
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return err
-	}
-	for _, n := range names {
-		if _, err := db.ExecContext(ctx, "DROP DATABASE IF EXISTS `"+n+"`"); err != nil {
-			return err
-		}
-	}
-	return nil
-}

@@ -24,7 +24,6 @@ type Bus interface {
 	Nodes(ctx context.Context) ([]byte, error)
 	PutCatalogue(ctx context.Context, node string, b []byte) error
 	Catalogue(ctx context.Context, node string) ([]byte, error)
-	Ping(ctx context.Context) error
 }
 
 // LeaseStore holds the scheduler's lease; satisfied by *dbcontrollers.Store.
@@ -157,6 +156,7 @@ func (f *Farm) runCluster(ctx context.Context) error {
 		f.followLoop(ctx)
 	}()
 	defer func() { <-busDone }()
+	defer f.bg.Wait() // before the bus is waited for, as each return did
 
 	every := f.cfg.LeaderLease / 3
 	for {
@@ -164,14 +164,12 @@ func (f *Farm) runCluster(ctx context.Context) error {
 		signal(f.sigs().leaseTried, l.Holder)
 		switch {
 		case ctx.Err() != nil:
-			f.bg.Wait()
 			return nil
 		case err != nil:
 			f.log.Warn("scheduler lease", "err", err)
 		case l.Held:
 			f.lead(ctx, l)
 			if ctx.Err() != nil {
-				f.bg.Wait()
 				return nil
 			}
 			continue // lost it: try again at once, as anyone else
@@ -182,7 +180,6 @@ func (f *Farm) runCluster(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			f.bg.Wait()
 			return nil
 		case <-time.After(every):
 		case <-f.cl.wake:
@@ -467,17 +464,26 @@ func (f *Farm) publishNodes(ctx context.Context) {
 // leader has not read yet shows as this replica knows it).
 func (f *Farm) nodeViews() []schema.NodeView {
 	local := f.nodes.List()
-	if !f.clustered() || f.leading() {
-		return local
-	}
-	if theirs := f.leaderViews.Load(); theirs != nil {
-		for i, v := range local {
-			if t, ok := (*theirs)[v.Name]; ok {
-				local[i] = t
-			}
+	theirs := f.theirViews()
+	for i, v := range local {
+		if t, ok := theirs[v.Name]; ok {
+			local[i] = t
 		}
 	}
 	return local
+}
+
+// theirViews is, on a follower, the leader's node views by name as
+// followViews last read them; nil on the leader and alone, whose own views
+// are the truth.
+func (f *Farm) theirViews() map[string]schema.NodeView {
+	if !f.clustered() || f.leading() {
+		return nil
+	}
+	if p := f.leaderViews.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // followLoop keeps a replica's own view current whatever its role: node

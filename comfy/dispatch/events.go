@@ -253,7 +253,7 @@ func (r *runner) reconcile(ctx context.Context, force bool) {
 		stalled := now.Sub(a.lastSign) > f.cfg.StallTimeout
 		// The node's stream stayed open since the job was taken on: the
 		// node was not restarted meanwhile.
-		unbroken := r.connected && a.epoch == r.streamEpoch
+		unbroken := r.streamIntact(a)
 		if err == nil && st.Phase != comfy.PromptLost {
 			a.lastSign = now
 		}

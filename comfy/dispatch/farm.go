@@ -304,8 +304,12 @@ func (f *Farm) schedulerLoop(ctx context.Context) error {
 	defer tick.Stop()
 	// In cluster mode: the node views shared, and the database searched for
 	// jobs queued on other replicas whose notice was lost.
-	share := time.NewTicker(f.cfg.ReconcileEvery)
-	defer share.Stop()
+	var shareC <-chan time.Time // alone: nothing to share
+	if f.clustered() {
+		share := time.NewTicker(f.cfg.ReconcileEvery)
+		defer share.Stop()
+		shareC = share.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -321,11 +325,9 @@ func (f *Farm) schedulerLoop(ctx context.Context) error {
 			f.publishNodes(ctx)
 		case <-f.kick:
 			f.schedule(ctx)
-		case <-share.C:
-			if f.clustered() {
-				f.publishNodes(ctx)
-				f.catchUp(ctx)
-			}
+		case <-shareC:
+			f.publishNodes(ctx)
+			f.catchUp(ctx)
 		case <-tick.C:
 			// Only with our own leases fresh: after a database outage an
 			// expired lease of a job this instance still follows must be

@@ -1,5 +1,7 @@
 package dispatch
 
+import "github.com/comfyfarm/comfyfarm/dbcontrollers"
+
 // activeIDs lists the jobs the runner follows and has not given up on.
 func (r *runner) activeIDs() []string {
 	r.mu.Lock()
@@ -12,3 +14,7 @@ func (r *runner) activeIDs() []string {
 	}
 	return ids
 }
+
+var activeStates = dbcontrollers.ActiveStates
+
+func ptr[T any](v T) *T { return &v }

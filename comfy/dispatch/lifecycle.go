@@ -14,10 +14,6 @@ import (
 	"github.com/comfyfarm/comfyfarm/schema"
 )
 
-var activeStates = dbcontrollers.ActiveStates
-
-func ptr[T any](v T) *T { return &v }
-
 // updateJob is JobUpdate for the writes that end a run (storing, succeeded),
 // which must not be lost to a database that is briefly away: an error that is
 // not the database's answer (a conflict, a missing job, invalid input) is
@@ -251,7 +247,7 @@ func notSent(err error) bool {
 // adopt takes over jobs that were active when the previous process stopped:
 // each is checked on its node and followed, completed, or requeued.
 func (f *Farm) adopt(ctx context.Context) error {
-	jobs, err := f.store.JobListByState(ctx, activeStates...)
+	jobs, err := f.store.JobListByState(ctx, dbcontrollers.ActiveStates...)
 	if err != nil {
 		return err
 	}
@@ -278,21 +274,12 @@ func (f *Farm) adopt(ctx context.Context) error {
 			pj = &pendingJob{ID: job.ID, Frontend: job.Frontend}
 		}
 		a := r.adoptAttempt(job, pj)
-		r.mu.Lock()
-		a.state = job.State
-		if job.StartedAt != nil {
-			a.runSince = *job.StartedAt
-		}
-		r.mu.Unlock()
 		pid := job.PromptID
 		if pid == "" {
 			pid = promptFor(job) // posted but the response was lost: we chose this id
 		}
 		r.bind(job.ID, pid)
 		if job.State == schema.JobStoring {
-			r.mu.Lock()
-			a.phase = phaseFinishing
-			r.mu.Unlock()
 			f.wg.Add(1)
 			go func() {
 				defer f.wg.Done()

@@ -31,17 +31,16 @@ type nodeFacts struct {
 // facts lists every node with a runner, by name.
 func (f *Farm) facts() []nodeFacts {
 	runners := f.runnerList()
+	theirs := f.theirViews()
 	out := make([]nodeFacts, 0, len(runners))
 	for name, r := range runners {
 		n, ok := f.nodes.Node(name)
 		if !ok {
 			continue
 		}
-		view, _ := f.nodes.Get(name)
-		if lv := f.leaderViews.Load(); lv != nil && f.clustered() && !f.leading() {
-			if v, ok := (*lv)[name]; ok {
-				view = v
-			}
+		view, ok := theirs[name]
+		if !ok {
+			view, _ = f.nodes.Get(name)
 		}
 		nf := nodeFacts{name: name, r: r, tags: n.Tags, limit: max(n.MaxInflight, 1),
 			up: view.State == schema.NodeUp && !n.Drain}
@@ -133,10 +132,7 @@ type enumIndex struct {
 // Literal inputs no node lists as a choice (prompts, seeds as text) are left
 // out of it. The number is kept on pj until the index changes.
 func (f *Farm) sigIDLocked(pj *pendingJob, idx *enumIndex) int {
-	var gen uint64
-	if idx != nil {
-		gen = idx.gen
-	}
+	gen := enumGenOf(idx)
 	if pj.sigGen == gen+1 {
 		return pj.sigID
 	}
@@ -370,7 +366,7 @@ func (f *Farm) planPositionsLocked() (plan []*pendingJob, pos []int, from int) {
 	idx := f.enums
 	f.emu.Unlock()
 	pc := &f.pc
-	if !pc.current(f, facts, idx) {
+	if !pc.current(facts, idx) {
 		pc.reset(facts, idx)
 		from = 0
 	}
@@ -420,7 +416,7 @@ type posCache struct {
 
 // current reports whether the cache was made for these nodes, offering
 // what they offer now.
-func (pc *posCache) current(f *Farm, facts []nodeFacts, idx *enumIndex) bool {
+func (pc *posCache) current(facts []nodeFacts, idx *enumIndex) bool {
 	if !pc.valid || pc.enumGen != enumGenOf(idx) || len(pc.nodes) != len(facts) {
 		return false
 	}

@@ -278,10 +278,7 @@ func (s *probeSession) probe(ctx context.Context, t probeTarget, timeout time.Du
 			if json.Unmarshal(body, &stats) != nil {
 				return res, false
 			}
-			s.version, s.devices = stats.System.ComfyUIVersion, make([]schema.Device, 0, len(stats.Devices))
-			for _, d := range stats.Devices {
-				s.devices = append(s.devices, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
-			}
+			s.version, s.devices = stats.System.ComfyUIVersion, appendDevices(make([]schema.Device, 0, len(stats.Devices)), &stats)
 		case status != http.StatusNotFound: // builds from before mid-2023 have none
 			return res, false
 		}
@@ -441,9 +438,7 @@ func fetchComfy(ctx context.Context, hc *http.Client, base string, timeout time.
 	switch {
 	case err == nil:
 		res.ComfyUIVersion = stats.System.ComfyUIVersion
-		for _, d := range stats.Devices {
-			res.Devices = append(res.Devices, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
-		}
+		res.Devices = appendDevices(res.Devices, stats)
 	case errors.As(err, &apiErr) && apiErr.Status == http.StatusNotFound:
 		// Builds from before mid-2023 have no /system_stats: /queue decides.
 	default:
@@ -765,4 +760,12 @@ func (m *nodeMetrics) observe(name string, res schema.ProbeResult, answered bool
 	if reason != "" {
 		m.errors.WithLabelValues(name, reason).Inc()
 	}
+}
+
+// appendDevices appends the GPUs (and CPU) a node's /system_stats lists.
+func appendDevices(to []schema.Device, stats *comfy.SystemStats) []schema.Device {
+	for _, d := range stats.Devices {
+		to = append(to, schema.Device{Name: d.Name, Type: d.Type, VRAMTotal: d.VRAMTotal, VRAMFree: d.VRAMFree})
+	}
+	return to
 }

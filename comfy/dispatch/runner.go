@@ -267,16 +267,16 @@ func (r *runner) jobCount() int {
 // hold takes a node slot for a job about to be claimed (the scheduler picked
 // this node for it); claimed completes it, release gives it back.
 func (r *runner) hold(pj *pendingJob) *attempt {
-	return r.take(pj, 0, phasePosting)
+	return r.take(pj, 0, phasePosting, schema.JobDispatched, time.Time{})
 }
 
-// take records an attempt of pj's job as this runner's, in phase.
-func (r *runner) take(pj *pendingJob, num int, ph phase) *attempt {
+// take records an attempt of pj's job as this runner's, in phase and state.
+func (r *runner) take(pj *pendingJob, num int, ph phase, state schema.JobState, runSince time.Time) *attempt {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.seq++
 	a := &attempt{
-		r: r, jobID: pj.ID, frontend: pj.Frontend, state: schema.JobDispatched, seq: r.seq, num: num,
+		r: r, jobID: pj.ID, frontend: pj.Frontend, state: state, runSince: runSince, seq: r.seq, num: num,
 		models: pj.Models, lastSign: r.farm.cfg.NowFunc(), phase: ph, avoid: pj.Avoid,
 		epoch: r.streamEpoch,
 	}
@@ -303,9 +303,18 @@ func (r *runner) release(a *attempt) {
 }
 
 // adoptAttempt takes on an active job found on the node at start (or at a
-// new term): it is followed from here.
+// new term), in the state the database has: followed from here, or, when
+// it was storing, finishing (its outputs are copied again).
 func (r *runner) adoptAttempt(job *schema.Job, pj *pendingJob) *attempt {
-	return r.take(pj, job.Attempts, phaseFollowing)
+	ph := phaseFollowing
+	if job.State == schema.JobStoring {
+		ph = phaseFinishing
+	}
+	var since time.Time
+	if job.StartedAt != nil {
+		since = *job.StartedAt
+	}
+	return r.take(pj, job.Attempts, ph, job.State, since)
 }
 
 // bind ties a prompt id to a job and replays events that came early.

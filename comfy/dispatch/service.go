@@ -73,7 +73,7 @@ func (f *Farm) Submit(ctx context.Context, p schema.SubmitParams) (*schema.Job, 
 		}
 		return nil, schema.Invalid("workflow", "%v", err)
 	}
-	if len(g.OutputNodes(f.isOutputClass)) == 0 {
+	if len(g.OutputNodes(f.outputClasses())) == 0 {
 		return nil, schema.Invalid("workflow", "has no output node (SaveImage or similar)")
 	}
 	if missing := f.missingClasses(g.ClassTypes()); len(missing) > 0 {
@@ -205,24 +205,35 @@ func (f *Farm) recharge(ctx context.Context, ctrl dbcontrollers.Controller, user
 	})
 }
 
-// isOutputClass reports whether a class is an output node: by the core
-// list, or by the catalogue of any node that offers it (custom nodes).
-func (f *Farm) isOutputClass(class string) bool {
-	if comfy.DefaultOutputClasses[class] {
-		return true
-	}
-	if cats, _ := f.catalogues(); len(cats) == 0 && f.clustered() && !f.leading() {
-		// No catalogue from the leader yet: a class this replica cannot
-		// look up may be a custom output node. The node's own validation
-		// refuses a workflow that has none.
-		return true
-	}
-	for _, r := range f.runnerList() {
-		if r.knownClasses()[class] {
-			return true
+// outputClasses returns a test of whether a class is an output node: by the
+// core list, or by the catalogue of any node that offers it (custom nodes).
+// The catalogues are looked up once, for all the classes of a graph.
+func (f *Farm) outputClasses() func(class string) bool {
+	if f.clustered() && !f.leading() {
+		if cats, _ := f.catalogues(); len(cats) == 0 {
+			// No catalogue from the leader yet: a class this replica cannot
+			// look up may be a custom output node. The node's own validation
+			// refuses a workflow that has none.
+			return func(string) bool { return true }
 		}
 	}
-	return false
+	var known []map[string]bool
+	for _, r := range f.runnerList() {
+		if k := r.knownClasses(); k != nil {
+			known = append(known, k)
+		}
+	}
+	return func(class string) bool {
+		if comfy.DefaultOutputClasses[class] {
+			return true
+		}
+		for _, k := range known {
+			if k[class] {
+				return true
+			}
+		}
+		return false
+	}
 }
 
 // missingClasses says what keeps the nodes with a known catalogue from

@@ -599,9 +599,7 @@ func (h *Hub) Unsettled(quiet time.Duration) []string {
 
 // Ended restates a finished job's end as its terminal event, for Publish.
 func Ended(job *schema.Job) schema.Event {
-	ev := terminalEvent(job, 0, time.Now())
-	ev.Seq = 0
-	return ev
+	return terminalEvent(job, 0, time.Now())
 }
 
 // Subscribers counts live subscribers of a job.

@@ -16,7 +16,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -155,41 +154,4 @@ func probe(dsn string) string {
 }
 
 // DropPrefix drops the database named prefix and every <prefix>_* database.
-func DropPrefix(dsn, prefix string) error {
-	if !dbcontrollers.ValidDatabaseName(prefix) {
-		return fmt.Errorf("bad prefix %q", prefix)
-	}
-	db, err := adminDB(dsn)
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	like := strings.ReplaceAll(prefix, "_", `\_`)
-	rows, err := db.QueryContext(ctx, "SHOW DATABASES LIKE '"+like+"%'")
-	if err != nil {
-		return err
-	}
-	var names []string
-	for rows.Next() {
-		var n string
-		if err := rows.Scan(&n); err != nil {
-			rows.Close()
-			return err
-		}
-		if dbcontrollers.ValidDatabaseName(n) && (n == prefix || strings.HasPrefix(n, prefix+"_")) {
-			names = append(names, n)
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return err
-	}
-	for _, n := range names {
-		if _, err := db.ExecContext(ctx, "DROP DATABASE IF EXISTS `"+n+"`"); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+func DropPrefix(dsn, prefix string) error { return dbcontrollers.DropPrefix(dsn, prefix) }

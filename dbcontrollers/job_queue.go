@@ -68,10 +68,7 @@ func (s *Store) JobClaim(ctx context.Context, p ClaimParams) (*schema.Job, error
 	var job *schema.Job
 	var err error
 	if s.mysql() {
-		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
-			if err := s.checkFence(ctx, tx); err != nil {
-				return err
-			}
+		err = s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 			var id string
 			err := tx.GetContext(ctx, &id,
 				"SELECT id FROM jobs WHERE id = ? AND state = 'queued' FOR UPDATE SKIP LOCKED", p.ID)
@@ -108,6 +105,18 @@ func (s *Store) JobClaim(ctx context.Context, p ClaimParams) (*schema.Job, error
 	return job, nil
 }
 
+// jobTx runs fn in a transaction (retried on a lost lock race) that, for a
+// fenced store, first checks the scheduler's lease is still at the store's
+// epoch: every job write in a transaction goes through it.
+func (s *Store) jobTx(ctx context.Context, opts *sql.TxOptions, fn func(tx *sqlx.Tx) error) error {
+	return inTxRetryOpts(ctx, s.db, opts, func(tx *sqlx.Tx) error {
+		if err := s.checkFence(ctx, tx); err != nil {
+			return err
+		}
+		return fn(tx)
+	})
+}
+
 // sqliteReturning runs one UPDATE ... RETURNING and scans the job it returns.
 func (s *Store) sqliteReturning(ctx context.Context, q string, args ...any) (*schema.Job, error) {
 	var r jobRow
@@ -135,7 +144,7 @@ func (s *Store) JobClaimNext(ctx context.Context, p ClaimNextParams) (*schema.Jo
 	var job *schema.Job
 	var err error
 	if s.mysql() {
-		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
+		err = s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 			var id string
 			if err := tx.GetContext(ctx, &id, head+" FOR UPDATE SKIP LOCKED", whereArgs...); err != nil {
 				return interpretError(err)
@@ -150,8 +159,17 @@ func (s *Store) JobClaimNext(ctx context.Context, p ClaimNextParams) (*schema.Jo
 		})
 	} else {
 		args := append(s.claimArgs(p.Node, p.Owner, p.LeaseUntil), whereArgs...)
-		job, err = s.sqliteReturning(ctx,
-			"UPDATE jobs SET "+claimSet+" WHERE id = ("+head+") AND state = 'queued' RETURNING "+jobColumns, args...)
+		q := "UPDATE jobs SET " + claimSet + " WHERE id = (" + head + ") AND state = 'queued'"
+		if s.fence != 0 {
+			q += fenceCond
+			args = append(args, LeaderScheduler, s.fence)
+		}
+		job, err = s.sqliteReturning(ctx, q+" RETURNING "+jobColumns, args...)
+		if errors.Is(err, schema.ErrNotFound) && s.fence != 0 {
+			if ferr := s.checkFence(ctx, s.db); ferr != nil {
+				err = ferr
+			}
+		}
 	}
 	if err != nil {
 		if errors.Is(err, schema.ErrNotFound) {
@@ -291,10 +309,7 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 	}
 	var job *schema.Job
 	if s.mysql() {
-		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
-			if err := s.checkFence(ctx, tx); err != nil {
-				return err
-			}
+		err = s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 			res, err := tx.ExecContext(ctx, q, args...)
 			if err != nil {
 				return interpretError(err)
@@ -320,10 +335,7 @@ func (s *Store) JobUpdate(ctx context.Context, u JobUpdate) (*schema.Job, error)
 	} else if u.State.Terminal() || s.fence != 0 {
 		// A final state and its webhook outbox row commit together; a
 		// fenced write checks the lease in the same transaction.
-		err = inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
-			if err := s.checkFence(ctx, tx); err != nil {
-				return err
-			}
+		err = s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 			var r jobRow
 			if err := tx.GetContext(ctx, &r, q+" RETURNING "+jobColumns, args...); err != nil {
 				if err = interpretError(err); errors.Is(err, schema.ErrNotFound) {
@@ -413,10 +425,7 @@ func (s *Store) extendLeases(ctx context.Context, q string, args []any, owner st
 	}
 	if !s.mysql() {
 		var n int64
-		err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
-			if err := s.checkFence(ctx, tx); err != nil {
-				return err
-			}
+		err := s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 			res, err := tx.ExecContext(ctx, q, args...)
 			if err != nil {
 				return interpretError(err)
@@ -427,10 +436,7 @@ func (s *Store) extendLeases(ctx context.Context, q string, args []any, owner st
 		return int(n), err
 	}
 	var n int
-	err := inTxRetry(ctx, s.db, func(tx *sqlx.Tx) error {
-		if err := s.checkFence(ctx, tx); err != nil {
-			return err
-		}
+	err := s.jobTx(ctx, nil, func(tx *sqlx.Tx) error {
 		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
 			return interpretError(err)
 		}
@@ -480,11 +486,8 @@ func (s *Store) rescueBatch(ctx context.Context, now time.Time, maxAttempts int)
 	}
 	expired := "state IN (?) AND lease_expires_at IS NOT NULL AND lease_expires_at < ?"
 	stamp := s.now()
-	err = inTxRetryOpts(ctx, s.db, opts, func(tx *sqlx.Tx) error {
+	err = s.jobTx(ctx, opts, func(tx *sqlx.Tx) error {
 		requeued, failed, n = nil, nil, 0
-		if err := s.checkFence(ctx, tx); err != nil {
-			return err
-		}
 		q, args, err := sqlx.In("SELECT id, node, attempts FROM jobs WHERE "+expired+
 			" ORDER BY lease_expires_at, id LIMIT ?"+lock, leasedStates, tval(now), leaseBatch)
 		if err != nil {

@@ -143,6 +143,9 @@ func TestFencedWrites(t *testing.T) {
 		if _, err := old.JobClaim(ctx, dbcontrollers.ClaimParams{ID: j2.ID, Node: "n1", Owner: "old", LeaseUntil: lease}); !errors.Is(err, dbcontrollers.ErrFenced) {
 			t.Fatalf("stale claim: %v, want ErrFenced", err)
 		}
+		if _, err := old.JobClaimNext(ctx, dbcontrollers.ClaimNextParams{Node: "n1", Owner: "old", LeaseUntil: lease}); !errors.Is(err, dbcontrollers.ErrFenced) {
+			t.Fatalf("stale claim of the queue's head: %v, want ErrFenced", err)
+		}
 		for _, st := range []schema.JobState{schema.JobStoring, schema.JobSucceeded, schema.JobFailed, schema.JobQueued} {
 			_, err := old.JobUpdate(ctx, dbcontrollers.JobUpdate{ID: j1.ID, From: []schema.JobState{schema.JobRunning},
 				State: st, Attempt: &c1.Attempts, FinishedAt: ptrTime(time.Now())})

@@ -18,6 +18,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -366,7 +367,37 @@ func (r *Redis) PutNodes(ctx context.Context, views []byte, ttl time.Duration) e
 // PutCatalogue stores what the leader read of a node's /object_info (its
 // catalogue, encoded by the caller), for replicas that check submits.
 func (r *Redis) PutCatalogue(ctx context.Context, node string, b []byte) error {
-	return r.c.Set(ctx, r.key("cat", node), b, r.o.TTL).Err()
+	sum := sha256.Sum256(b)
+	_, err := r.c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, r.key("cat", node), b, r.o.TTL)
+		p.Set(ctx, r.key("catsum", node), sum[:], r.o.TTL)
+		return nil
+	})
+	return err
+}
+
+// CatalogueSums reads the SHA-256 of each node's catalogue, as PutCatalogue
+// wrote it with the catalogue: a replica reads a catalogue again only when
+// its sum changed. A node without one has nil.
+func (r *Redis) CatalogueSums(ctx context.Context, nodes []string) ([][]byte, error) {
+	if len(nodes) == 0 {
+		return nil, nil
+	}
+	keys := make([]string, len(nodes))
+	for i, n := range nodes {
+		keys[i] = r.key("catsum", n)
+	}
+	vals, err := r.c.MGet(ctx, keys...).Result()
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]byte, len(nodes))
+	for i, v := range vals {
+		if s, ok := v.(string); ok {
+			out[i] = []byte(s)
+		}
+	}
+	return out, nil
 }
 
 // Catalogue reads a node's catalogue; nil when none is there.

@@ -1,7 +1,9 @@
 package cluster_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"sync"
 	"testing"
@@ -192,5 +194,28 @@ func TestRedisNoticesAndNodes(t *testing.T) {
 	}
 	if v, err := b.bus.Nodes(ctx); err != nil || string(v) != `[{"name":"gpu-1"}]` {
 		t.Fatalf("nodes: %q %v", v, err)
+	}
+}
+
+// A catalogue's sum is written with it, and read for many nodes at once.
+func TestCatalogueSums(t *testing.T) {
+	url, prefix := redistest.URL(t)
+	ctx := context.Background()
+	bus, err := cluster.Open(ctx, url, cluster.Options{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	cat := []byte(`{"classes":["SaveImage"]}`)
+	if err := bus.PutCatalogue(ctx, "n1", cat); err != nil {
+		t.Fatal(err)
+	}
+	sums, err := bus.CatalogueSums(ctx, []string{"n1", "n2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := sha256.Sum256(cat)
+	if len(sums) != 2 || !bytes.Equal(sums[0], want[:]) || sums[1] != nil {
+		t.Fatalf("sums %x, want [%x, nil]", sums, want)
 	}
 }

@@ -24,6 +24,7 @@ type Bus interface {
 	Nodes(ctx context.Context) ([]byte, error)
 	PutCatalogue(ctx context.Context, node string, b []byte) error
 	Catalogue(ctx context.Context, node string) ([]byte, error)
+	CatalogueSums(ctx context.Context, nodes []string) ([][]byte, error)
 }
 
 // LeaseStore holds the scheduler's lease; satisfied by *dbcontrollers.Store.
@@ -592,13 +593,33 @@ func (f *Farm) followCatalogues(ctx context.Context) {
 	defer cancel()
 	changed := false
 	registered := map[string]bool{}
-	for _, v := range f.nodes.List() {
-		registered[v.Name] = true
-		b, err := f.cfg.Bus.Catalogue(bctx, v.Name)
+	views := f.nodes.List()
+	names := make([]string, len(views))
+	for i, v := range views {
+		names[i] = v.Name
+	}
+	// The sums first (one round trip): a catalogue, which can be large, is
+	// read again only when its sum changed, or when the leader wrote none.
+	sums, err := f.cfg.Bus.CatalogueSums(bctx, names)
+	if err != nil {
+		sums = nil
+	}
+	for i, name := range names {
+		registered[name] = true
+		var have [sha256.Size]byte
+		if r := f.runner(name); r != nil {
+			r.mu.Lock()
+			have = r.catSum
+			r.mu.Unlock()
+		}
+		if i < len(sums) && len(sums[i]) == sha256.Size && [sha256.Size]byte(sums[i]) == have {
+			continue
+		}
+		b, err := f.cfg.Bus.Catalogue(bctx, name)
 		if err != nil || b == nil {
 			continue
 		}
-		r := f.passiveRunner(v.Name)
+		r := f.passiveRunner(name)
 		if r == nil {
 			return // this replica leads now
 		}
@@ -611,7 +632,7 @@ func (f *Farm) followCatalogues(ctx context.Context) {
 		}
 		c, err := f.cats.decode(b, f.liveCatalogues(r))
 		if err != nil {
-			f.log.Warn("read a node's catalogue from the bus", "node", v.Name, "err", err)
+			f.log.Warn("read a node's catalogue from the bus", "node", name, "err", err)
 			continue
 		}
 		r.mu.Lock()

@@ -338,6 +338,30 @@ func (r *Redis) EventsAfter(ctx context.Context, jobID string, after int64) ([]s
 	if err != nil {
 		return nil, err
 	}
+	return decodeStream(msgs), nil
+}
+
+// EventsOf returns each job's kept events, in order, in one round trip.
+func (r *Redis) EventsOf(ctx context.Context, jobIDs []string) ([][]schema.Event, error) {
+	cmds := make([]*redis.XMessageSliceCmd, len(jobIDs))
+	_, err := r.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range jobIDs {
+			cmds[i] = p.XRange(ctx, r.key("ev", id), "-", "+")
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, err
+	}
+	out := make([][]schema.Event, len(jobIDs))
+	for i, c := range cmds {
+		out[i] = decodeStream(c.Val())
+	}
+	return out, nil
+}
+
+// decodeStream reads the events of a job's stream entries.
+func decodeStream(msgs []redis.XMessage) []schema.Event {
 	out := make([]schema.Event, 0, len(msgs))
 	for _, m := range msgs {
 		s, _ := m.Values["e"].(string)
@@ -347,7 +371,7 @@ func (r *Redis) EventsAfter(ctx context.Context, jobID string, after int64) ([]s
 		}
 		out = append(out, ev)
 	}
-	return out, nil
+	return out
 }
 
 // Notify sends n to every replica.

@@ -219,3 +219,32 @@ func TestCatalogueSums(t *testing.T) {
 		t.Fatalf("sums %x, want [%x, nil]", sums, want)
 	}
 }
+
+// EventsOf reads the kept events of several jobs at once: each in order,
+// previews left out (never kept), an unknown job empty.
+func TestEventsOf(t *testing.T) {
+	url, prefix := redistest.URL(t)
+	ctx := context.Background()
+	r := startReplica(t, url, prefix)
+	for _, job := range []string{"j1", "j2"} {
+		r.bus.PublishEvent(job, schema.Event{Type: schema.EventQueued})
+		r.bus.PublishEvent(job, schema.Event{Type: schema.EventPreview, Image: "aGk="})
+		r.bus.PublishEvent(job, schema.Event{Type: schema.EventDispatched})
+	}
+	if err := r.bus.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := r.bus.EventsOf(ctx, []string{"j1", "none", "j2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 3 || len(got[1]) != 0 {
+		t.Fatalf("%d answers, the unknown job's %v", len(got), got)
+	}
+	for _, i := range []int{0, 2} {
+		evs := got[i]
+		if len(evs) != 2 || evs[0].Type != schema.EventQueued || evs[1].Type != schema.EventDispatched || evs[0].Seq >= evs[1].Seq {
+			t.Fatalf("answer %d: %+v", i, evs)
+		}
+	}
+}

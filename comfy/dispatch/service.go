@@ -465,6 +465,17 @@ func (f *Farm) Jobs(ctx context.Context, flt schema.JobFilter) ([]schema.Job, er
 	if err != nil {
 		return nil, err
 	}
+	if f.clustered() && !f.leading() {
+		// Places and progress come from the leader's events: read the
+		// streams of the listed jobs in one call, not one by one in view.
+		ids := make([]string, 0, len(jobs))
+		for _, j := range jobs {
+			if !j.State.Terminal() {
+				ids = append(ids, j.ID)
+			}
+		}
+		f.hub.FollowAll(ids)
+	}
 	for i := range jobs {
 		jobs[i] = *f.view(ctx, &jobs[i])
 	}

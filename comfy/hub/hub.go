@@ -53,6 +53,8 @@ type Bus interface {
 	PublishEvent(jobID string, ev schema.Event)
 	// EventsAfter returns the job's kept events numbered after seq, in order.
 	EventsAfter(ctx context.Context, jobID string, after int64) ([]schema.Event, error)
+	// EventsOf returns each job's kept events, in order, in one call.
+	EventsOf(ctx context.Context, jobIDs []string) ([][]schema.Event, error)
 }
 
 // NewBus makes a hub whose events are numbered and carried by bus.
@@ -233,6 +235,13 @@ func (h *Hub) fill(jobID string, after int64, sure bool) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.fillLocked(jobID, evs)
+}
+
+// fillLocked delivers the events of evs (read from the bus, in order) that
+// the job's stream has not seen; those older than its first known one are
+// kept for resumption only. h.mu is held.
+func (h *Hub) fillLocked(jobID string, evs []schema.Event) {
 	s := h.streams[jobID]
 	if s == nil {
 		return
@@ -287,6 +296,39 @@ func (h *Hub) follow(jobID string) {
 	h.mu.Unlock()
 	if !ok {
 		h.fill(jobID, 0, false)
+	}
+}
+
+// FollowAll is follow for many jobs at once, their streams read from the
+// bus in one call (a list of jobs on a follower shows each one's place and
+// progress).
+func (h *Hub) FollowAll(jobIDs []string) {
+	if h.bus == nil || time.Now().UnixNano() < h.busDownUntil.Load() {
+		return
+	}
+	h.mu.Lock()
+	var fresh []string
+	for _, id := range jobIDs {
+		if _, ok := h.streams[id]; !ok {
+			h.stream(id)
+			fresh = append(fresh, id)
+		}
+	}
+	h.mu.Unlock()
+	if len(fresh) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), busTimeout)
+	defer cancel()
+	evs, err := h.bus.EventsOf(ctx, fresh)
+	if err != nil {
+		h.busDownUntil.Store(time.Now().Add(busBackoff).UnixNano())
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, id := range fresh {
+		h.fillLocked(id, evs[i])
 	}
 }
 

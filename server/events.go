@@ -343,7 +343,7 @@ func (s *Server) serveWS(conn *websocket.Conn) {
 	defer ticker.Stop()
 	var last int64
 	write := func(ev schema.Event) bool {
-		data, _, err := s.encoded(ctx, ev)
+		data, err := s.encodedJSON(ctx, ev)
 		if err != nil {
 			s.log.Error("encode event", "job_id", req.jobID, "err", err)
 			return false

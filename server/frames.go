@@ -87,9 +87,21 @@ func encodeEvent(ev schema.Event) (data, sse []byte, err error) {
 	sse = append(sse, "\nevent: "...)
 	sse = append(sse, ev.Type...)
 	sse = append(sse, "\ndata: "...)
+	off := len(sse)
 	sse = append(sse, data...)
 	sse = append(sse, "\n\n"...)
-	return data, sse, nil
+	// The JSON handed out is the frame's own copy: a cached event keeps one.
+	return sse[off : off+len(data) : off+len(data)], sse, nil
+}
+
+// encodedJSON is encoded's JSON alone (a WebSocket message): an event not
+// shared is not also framed for SSE.
+func (s *Server) encodedJSON(ctx context.Context, ev schema.Event) ([]byte, error) {
+	if shared(ev) {
+		f := s.frames.get(ev)
+		return f.data, f.err
+	}
+	return json.Marshal(s.prepare(ctx, ev))
 }
 
 // encoded returns ev's JSON and SSE frame for one stream: shared when the

@@ -154,9 +154,7 @@ func (h *Hub) appendLocked(s *jobStream, ev schema.Event) {
 		s.ring[n-1] = ev
 	default:
 		s.ring = append(s.ring, ev)
-		if len(s.ring) > h.RingSize {
-			s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)
-		}
+		h.trimRing(s)
 	}
 	for sub := range s.subs {
 		if ev.Type == schema.EventPreview && !sub.previews {
@@ -168,6 +166,13 @@ func (h *Hub) appendLocked(s *jobStream, ev schema.Event) {
 		s.terminal = true
 		s.doneAt = h.NowFunc()
 		s.subs = map[*subscriber]struct{}{}
+	}
+}
+
+// trimRing keeps the newest RingSize events of s's ring.
+func (h *Hub) trimRing(s *jobStream) {
+	if len(s.ring) > h.RingSize {
+		s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)
 	}
 }
 
@@ -191,14 +196,12 @@ func (h *Hub) Deliver(ev schema.Event) {
 		h.mu.Unlock()
 		return
 	}
-	if ev.Type == schema.EventPreview || s.seq == 0 || ev.Seq == s.seq+1 {
-		if ev.Type == schema.EventPreview || ev.Seq > s.seq {
-			h.appendLocked(s, ev)
-		}
+	switch {
+	case ev.Type == schema.EventPreview || (ev.Seq > s.seq && (s.seq == 0 || ev.Seq == s.seq+1)):
+		h.appendLocked(s, ev) // the next one (or the first known here)
 		h.mu.Unlock()
 		return
-	}
-	if ev.Seq <= s.seq {
+	case ev.Seq <= s.seq:
 		h.mu.Unlock()
 		return // seen
 	}
@@ -259,9 +262,7 @@ func (h *Hub) fillLocked(jobID string, evs []schema.Event) {
 	}
 	if len(older) > 0 {
 		s.ring = append(older, s.ring...)
-		if len(s.ring) > h.RingSize {
-			s.ring = append(s.ring[:0], s.ring[len(s.ring)-h.RingSize:]...)
-		}
+		h.trimRing(s)
 	}
 }
 
